@@ -1,0 +1,3 @@
+from amfs_dist.cli import main
+
+raise SystemExit(main())

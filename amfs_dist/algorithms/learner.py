@@ -1,0 +1,193 @@
+"""The meta-learner: encoder + inner loop as one per-task loss, vmapped over a batch of tasks.
+
+`meta_gradients` is the unit of work the distributed layer ships: one batched pass giving
+the [T, P] matrix of per-task meta-gradients plus per-task loss and accuracy.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from amfs_dist.algorithms import kernel, maml
+from amfs_dist.config import Config
+from amfs_dist.data.episodes import Episodes
+from amfs_dist.models.backbones import build_backbone, feature_dim
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskGradients:
+    grads: torch.Tensor  # [T, P], flattened in ParamLayout order
+    loss: torch.Tensor   # [T]
+    acc: torch.Tensor    # [T] (NaN for regression)
+
+
+class ParamLayout:
+    """Names and shapes of the learnable parameters, to flatten dicts into rows and back."""
+
+    def __init__(self, params: Params):
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.size = sum(self.numels)
+
+    def flatten(self, tree: Params, batch_dims: int = 0) -> torch.Tensor:
+        lead = tree[self.names[0]].shape[:batch_dims]
+        return torch.cat([tree[n].reshape(*lead, -1) for n in self.names], dim=-1)
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        return {n: chunk.view(s) for n, chunk, s in
+                zip(self.names, flat.split(self.numels, dim=-1), self.shapes)}
+
+
+class KernelHead(nn.Module):
+    """The kernel inner loop's own meta-parameters: log bandwidth, log lambda, logit scale/bias."""
+
+    def __init__(self, cfg: Config, regression: bool):
+        super().__init__()
+        k = cfg.kernel
+        log_bw = torch.tensor(math.log(k.bandwidth))
+        log_lam = torch.tensor(math.log(k.lam))
+        if k.learn_bandwidth:
+            self.log_bandwidth = nn.Parameter(log_bw)
+        else:
+            self.register_buffer("log_bandwidth", log_bw)
+        if k.learn_lam:
+            self.log_lam = nn.Parameter(log_lam)
+        else:
+            self.register_buffer("log_lam", log_lam)
+        # logits from a kernel fit to one-hot targets lie in ~[0, 1]; softmax needs a wider range
+        self.scale = nn.Parameter(torch.tensor(1.0 if regression else 10.0))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+
+
+class MetaLearner:
+    """Builds the model for a config and computes per-task losses and meta-gradients."""
+
+    def __init__(self, cfg: Config, input_shape: tuple[int, ...], device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.ways = cfg.data.ways
+        self.regression = cfg.data.source == "sinusoid"
+        self.inner = cfg.inner_loop
+        self.device = torch.device(device)
+        backbone = build_backbone(cfg.backbone, input_shape, cfg.model.width)
+        out_dim = 1 if self.regression else self.ways
+        if self.inner == "kernel":
+            head = KernelHead(cfg, self.regression)
+        else:
+            head = nn.Linear(feature_dim(backbone, input_shape), out_dim)
+        self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
+        self.constants: Params = dict(self.module.named_buffers())
+        self.layout = ParamLayout(self.params())
+        self.autocast = (cfg.train.precision == "bf16")
+
+    # -- parameters ---------------------------------------------------------------------------
+    def params(self) -> dict[str, nn.Parameter]:
+        return dict(self.module.named_parameters())
+
+    def flat_params(self) -> torch.Tensor:
+        return self.layout.flatten({k: v.detach() for k, v in self.params().items()})
+
+    def load_flat(self, flat: torch.Tensor) -> Params:
+        """Parameters as views of a flat vector (moved to this learner's device)."""
+        return self.layout.unflatten(flat.to(self.device))
+
+    # -- per-task pieces (vmap-safe) -------------------------------------------------------------
+    def _features(self, params: Params, x: torch.Tensor, n_stats: int | None) -> torch.Tensor:
+        body = {k[len("backbone."):]: v for k, v in params.items() if k.startswith("backbone.")}
+        return functional_call(self.module["backbone"], body, (x, n_stats))
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            return y
+        return (y[:, None] == torch.arange(self.ways, device=y.device)).to(torch.float32)
+
+    def _loss_acc(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.regression:
+            return F.mse_loss(out, y), torch.full((), float("nan"), device=out.device)
+        loss = F.cross_entropy(out, y)
+        acc = (out.argmax(-1) == y).to(torch.float32).mean()
+        return loss, acc
+
+    def _kernel_task(self, params: Params, xs, ys, xq, yq, first_order: bool):
+        k = self.cfg.kernel
+        p = {**self.constants, **params}
+        n_s = xs.shape[0]
+        z = self._features(params, torch.cat([xs, xq]), n_s).float()
+        if k.normalize:
+            z = F.normalize(z, dim=-1)
+        zs, zq = z[:n_s], z[n_s:]
+        with _no_autocast(z.device):
+            log_bw, lam = p["head.log_bandwidth"], torch.exp(p["head.log_lam"])
+            K = kernel.rbf_kernel(zs, zs, log_bw)
+            alpha = kernel.solve_coefficients(K, self._targets(ys), lam, k.mu)
+            if first_order:
+                alpha = alpha.detach()
+            out = p["head.scale"] * (kernel.rbf_kernel(zq, zs, log_bw) @ alpha) + p["head.bias"]
+            loss, acc = self._loss_acc(out, yq)
+            if k.gamma > 0:
+                loss = loss + k.gamma * kernel.information_term(K, lam) / n_s
+        return loss, acc
+
+    def _head_out(self, params: Params, x: torch.Tensor, n_stats: int | None) -> torch.Tensor:
+        h = self._features(params, x, n_stats)
+        return F.linear(h, params["head.weight"], params["head.bias"]).float()
+
+    def _support_loss(self, params: Params, xs, ys):
+        return self._loss_acc(self._head_out(params, xs, None), ys)[0]
+
+    def _maml_task(self, params: Params, xs, ys, xq, yq, steps: int):
+        m = self.cfg.maml
+        fast = maml.adapt(self._support_loss, params, xs, ys, steps, m.lr,
+                          first_order=(self.inner == "fomaml"))
+        n_s = xs.shape[0]
+        out = self._head_out(fast, torch.cat([xs, xq]), n_s)[n_s:]
+        return self._loss_acc(out, yq)
+
+    def task_loss(self, params: Params, xs, ys, xq, yq, training: bool = True):
+        """One task's query loss after inner adaptation, and its accuracy."""
+        if self.inner == "kernel":
+            return self._kernel_task(params, xs, ys, xq, yq, self.cfg.kernel.first_order and training)
+        steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
+        return self._maml_task(params, xs, ys, xq, yq, steps)
+
+    # -- batched over tasks ----------------------------------------------------------------------
+    def meta_gradients(self, params: Params, ep: Episodes) -> TaskGradients:
+        """Per-task meta-gradients [T, P] of the query loss in one vmapped pass."""
+        ep = ep.to(self.device)
+
+        def per_task(p, xs, ys, xq, yq):
+            loss, acc = self.task_loss(p, xs, ys, xq, yq, training=True)
+            return loss, (loss.detach(), acc)
+
+        with self._autocast():
+            grads, (loss, acc) = vmap(grad(per_task, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
+                params, ep.xs, ep.ys, ep.xq, ep.yq)
+        return TaskGradients(self.layout.flatten(grads, batch_dims=1).float(), loss, acc)
+
+    def evaluate(self, params: Params, ep: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-time adaptation and query loss/accuracy per task, no meta-gradient."""
+        ep = ep.to(self.device)
+        params = {k: v.detach() for k, v in params.items()}
+        fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False))
+        grad_mode = torch.enable_grad() if self.inner != "kernel" else torch.no_grad()
+        with grad_mode, self._autocast():
+            loss, acc = fn(ep.xs, ep.ys, ep.xq, ep.yq)
+        return loss.detach(), acc.detach()
+
+    def _autocast(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def _no_autocast(device: torch.device):
+    """The kernel solve runs in float32 whatever the encoder's precision."""
+    return torch.autocast(device.type, enabled=False)

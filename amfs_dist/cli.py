@@ -1,0 +1,40 @@
+"""The `amfs` command line: train, eval, data, tune, bench.
+
+Each command lives in its own module exposing register(subparsers); the parser it adds sets
+func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from amfs_dist.errors import UserError
+
+COMMAND_MODULES = [
+    "amfs_dist.commands.train",
+    "amfs_dist.commands.eval",
+    "amfs_dist.data.cli",
+    "amfs_dist.commands.tune",
+    "amfs_dist.benchmarks.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amfs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"amfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("amfs: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,262 @@
+"""The run configuration: one schema, YAML files and dotted key=value overrides, strict validation.
+
+Every key lives in SCHEMA with its type, default and rule; errors name the key and the value.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from amfs_dist.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config key or value; the message names both."""
+
+
+@dataclass(frozen=True)
+class Key:
+    types: tuple[type, ...]
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    nullable: bool = False
+
+
+def _positive(v): return v > 0
+def _non_negative(v): return v >= 0
+def _at_least_one(v): return v >= 1
+def _one_of(*options): return lambda v: v in options
+
+
+PRESETS = {  # method -> (inner loop, outer weighting), DESIGN 1.3
+    "amfs": ("kernel", "cosine"),
+    "iamfs": ("kernel", "mean"),
+    "oamfs": ("maml", "cosine"),
+    "maml": ("maml", "mean"),
+    "fomaml": ("fomaml", "mean"),
+}
+INNER_LOOPS = ("kernel", "maml", "fomaml")
+
+SCHEMA: dict[str, Key] = {
+    "seed": Key((int,), 0, _non_negative, ">= 0"),
+    "method": Key((str,), "amfs", _one_of(*PRESETS), "one of " + ", ".join(PRESETS)),
+    "inner": Key((str,), None, _one_of(*INNER_LOOPS), "one of " + ", ".join(INNER_LOOPS), True),
+    "outer.weighting": Key((str,), None, _one_of("cosine", "mean"), "cosine or mean", True),
+    "outer.normalize": Key((str,), "clip", _one_of("clip", "softmax"), "clip or softmax"),
+    "outer.temperature": Key((float,), 1.0, _positive, "> 0"),
+    "data.source": Key((str,), "synthetic", None),
+    "data.ways": Key((int,), 5, _at_least_one, ">= 1"),
+    "data.shots": Key((int,), 1, _at_least_one, ">= 1"),
+    "data.queries": Key((int,), 15, _at_least_one, ">= 1"),
+    "data.image_size": Key((int,), None, _at_least_one, ">= 1 (or null for the source's own)", True),
+    "data.channels": Key((int,), None, _one_of(1, 3), "1 or 3 (or null for the source's own)", True),
+    "model.backbone": Key((str,), "auto", _one_of("auto", "conv4", "resnet12", "mlp"),
+                          "auto, conv4, resnet12 or mlp"),
+    "model.width": Key((int,), None, _at_least_one, ">= 1 (or null for the backbone's own)", True),
+    "kernel.bandwidth": Key((float,), 1.0, _positive, "> 0"),
+    "kernel.lam": Key((float,), 0.1, _positive, "> 0"),
+    "kernel.mu": Key((float,), 0.05, _non_negative, ">= 0"),
+    "kernel.gamma": Key((float,), 0.01, _non_negative, ">= 0"),
+    "kernel.normalize": Key((bool,), True),
+    "kernel.learn_bandwidth": Key((bool,), True),
+    "kernel.learn_lam": Key((bool,), False),
+    "kernel.first_order": Key((bool,), False),
+    "maml.steps": Key((int,), 5, _at_least_one, ">= 1"),
+    "maml.lr": Key((float,), 0.4, _positive, "> 0"),
+    "maml.test_steps": Key((int,), 10, _at_least_one, ">= 1"),
+    "train.steps": Key((int,), 300, _non_negative, ">= 0"),
+    "train.meta_batch": Key((int,), 8, _at_least_one, ">= 1"),
+    "train.lr": Key((float,), 2e-3, _positive, "> 0"),
+    "train.val_every": Key((int,), 100, _non_negative, ">= 0 (0: never)"),
+    "train.val_episodes": Key((int,), 100, _at_least_one, ">= 1"),
+    "train.checkpoint_every": Key((int,), 100, _at_least_one, ">= 1"),
+    "train.log_every": Key((int,), 10, _at_least_one, ">= 1"),
+    "train.max_bad_steps": Key((int,), 10, _at_least_one, ">= 1"),
+    "train.device": Key((str,), "auto", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "train.precision": Key((str,), "fp32", _one_of("fp32", "bf16"), "fp32 or bf16"),
+    "dist.workers": Key((int,), 0, _non_negative, ">= 0 (0: in-process)"),
+    "dist.gpus_per_worker": Key((float,), 0.0, _non_negative, ">= 0"),
+    "dist.cpus_per_worker": Key((float,), 1.0, _positive, "> 0"),
+    "dist.exchange": Key((str,), "exact", _one_of("exact", "sketch"), "exact or sketch"),
+    "dist.sketch_dim": Key((int,), 1024, _at_least_one, ">= 1"),
+    "dist.max_worker_restarts": Key((int,), 3, _non_negative, ">= 0"),
+    "eval.episodes": Key((int,), 600, _at_least_one, ">= 1"),
+    "eval.queries": Key((int,), 15, _at_least_one, ">= 1"),
+    "eval.batch": Key((int,), 50, _at_least_one, ">= 1"),
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    spec = SCHEMA[key]
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError(f"{key}: null is not allowed")
+    if bool in spec.types:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif float in spec.types:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif int in spec.types:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif str in spec.types:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if spec.check is not None and not spec.check(value):
+        raise ConfigError(f"{key}: must be {spec.rule}, got {value!r}")
+    return value
+
+
+def flatten(tree: dict, prefix: str = "", source: str = "config") -> dict[str, Any]:
+    """Nested mapping -> {dotted key: value}."""
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + ".", source))
+        else:
+            flat[key] = v
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+class Config:
+    """A validated config; read values as cfg["kernel.lam"] or cfg.kernel.lam."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        prefix = name + "."
+        sub = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+        if not sub:
+            raise AttributeError(name)
+        return Config(sub)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only; use .replace(key=value)")
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted overrides, validated (pass keys as {'kernel.lam': 1.0})."""
+        return resolve(self.to_flat(), dotted)
+
+    def to_flat(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def to_dict(self) -> dict:
+        return unflatten(self._values)
+
+    @property
+    def inner_loop(self) -> str:
+        return self._values["inner"] or PRESETS[self._values["method"]][0]
+
+    @property
+    def outer_weighting(self) -> str:
+        return self._values["outer.weighting"] or PRESETS[self._values["method"]][1]
+
+    @property
+    def method_name(self) -> str:
+        """The preset matching (inner, outer), else 'inner+outer'."""
+        pair = (self.inner_loop, self.outer_weighting)
+        for name, preset in PRESETS.items():
+            if preset == pair:
+                return name
+        return f"{pair[0]}+{pair[1]}"
+
+    @property
+    def backbone(self) -> str:
+        b = self._values["model.backbone"]
+        if b == "auto":
+            return "mlp" if self._values["data.source"] == "sinusoid" else "conv4"
+        return b
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+
+def defaults() -> dict[str, Any]:
+    return {k: copy.deepcopy(spec.default) for k, spec in SCHEMA.items()}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'kernel.lam=0.5' -> ('kernel.lam', 0.5); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    values = defaults()
+    for source in (base, overrides):
+        for key, value in source.items():
+            if key not in SCHEMA:
+                raise ConfigError(f"{key}: unknown config key")
+            values[key] = value
+    for key in SCHEMA:
+        values[key] = _coerce(key, values[key])
+    cfg = Config(values)
+    if cfg.backbone == "mlp" and values["data.source"] != "sinusoid":
+        raise ConfigError(f"model.backbone: mlp is for data.source=sinusoid, got "
+                          f"data.source={values['data.source']!r}")
+    if values["data.source"] == "sinusoid" and cfg.backbone != "mlp":
+        raise ConfigError(f"model.backbone: data.source=sinusoid needs mlp, got {cfg.backbone!r}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file <- key=value overrides, validated."""
+    base: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys, got "
+                              f"{type(tree).__name__}")
+        base = flatten(tree)
+    if isinstance(overrides, dict):
+        extra = dict(overrides)
+    else:
+        extra = dict(parse_override(o) for o in (overrides or []))
+    return resolve(base, extra)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,86 @@
+"""Episode evaluation (DESIGN 1.4) and `amfs eval` on a finished run."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from amfs_dist.algorithms.learner import MetaLearner
+from amfs_dist.config import load_config
+from amfs_dist.errors import UserError
+
+
+def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, queries: int,
+                      batch: int, params=None) -> dict:
+    """Mean accuracy (or MSE for regression) over `episodes` test episodes and its 95% CI.
+
+    Episodes come from (seed, split, step 0, episode index) only, so every method and every
+    run with the same seed sees the same ones. Batch norm uses support-set statistics only.
+    adapt_ms_per_task is the time of adaptation + query prediction, batched, per task.
+    """
+    params = params if params is not None else learner.params()
+    values, losses, adapt_s = [], [], 0.0
+    for first in range(0, episodes, batch):
+        ids = list(range(first, min(first + batch, episodes)))
+        ep = source.sample(split, 0, ids, queries=queries)
+        t0 = time.perf_counter()
+        loss, acc = learner.evaluate(params, ep)
+        if loss.device.type == "cuda":
+            torch.cuda.synchronize(loss.device)
+        adapt_s += time.perf_counter() - t0
+        losses.append(loss.double().cpu())
+        values.append((loss if learner.regression else acc).double().cpu())
+    v = torch.cat(values)
+    ci95 = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    out = {"episodes": episodes, "loss": float(torch.cat(losses).mean()),
+           "ci95": ci95, "adapt_ms_per_task": 1000.0 * adapt_s / episodes}
+    if learner.regression:
+        out.update(mse=float(v.mean()), accuracy=None)
+    else:
+        out.update(accuracy=float(v.mean()))
+    return out
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None):
+    """(config, learner with the run's final parameters, the training input shape)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    model_path = run / "model.pt"
+    if not model_path.is_file():
+        raise UserError(f"{run}: no model.pt; the run has not finished (resume it with "
+                        f"`amfs train --resume {run}`)")
+    cfg = load_config(run / "config.yaml", overrides)
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    input_shape = tuple(saved["input_shape"])
+    learner = MetaLearner(cfg, input_shape, _device(cfg))
+    learner.module.load_state_dict(saved["model"])
+    return cfg, learner, input_shape
+
+
+def _device(cfg) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def eval_run(run_dir: str | Path, episodes: int | None = None,
+             overrides: list[str] | None = None) -> dict:
+    from amfs_dist.data import make_task_source
+    cfg, learner, input_shape = load_run(run_dir, overrides)
+    source = make_task_source(cfg, input_shape)
+    n = episodes or cfg.eval.episodes
+    stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch)
+    return {"run": str(run_dir), "method": cfg.method_name, "data_source": cfg.data.source,
+            "ways": cfg.data.ways, "shots": cfg.data.shots,
+            "test_accuracy": stats["accuracy"], "test_ci95": stats["ci95"],
+            "test_episodes": n, "test_loss": stats["loss"],
+            "adapt_ms_per_task": stats["adapt_ms_per_task"],
+            **({"test_mse": stats["mse"]} if "mse" in stats else {})}
+
+
+def print_json(obj: dict) -> None:
+    print(json.dumps(obj))
