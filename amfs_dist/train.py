@@ -24,6 +24,7 @@ from amfs_dist.errors import UserError
 from amfs_dist.evaluate import _device, evaluate_episodes
 
 CHECKPOINT = "checkpoint.pt"
+POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
 
 
 class TrainingError(UserError):
@@ -154,9 +155,8 @@ class Trainer:
                         self.save_checkpoint()
                     bar.update(1)
                     if self.step % t.log_every == 0 or self.step == t.steps:
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.3f}",
-                                        **({"val": f"{row['val_accuracy']:.3f}"}
-                                           if row.get("val_accuracy") is not None else {}))
+                        bar.set_postfix({k: f"{row[v]:.3f}" for k, v in POSTFIX.items()
+                                         if row.get(v) is not None})
                     if on_step:
                         on_step(self, row)
         except BaseException:

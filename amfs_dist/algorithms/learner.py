@@ -84,11 +84,15 @@ class MetaLearner:
         else:
             head = nn.Linear(feature_dim(backbone, input_shape), out_dim)
         self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
-        self.constants: Params = dict(self.module.named_buffers())
         self.layout = ParamLayout(self.params())
         self.autocast = (cfg.train.precision == "bf16")
 
     # -- parameters ---------------------------------------------------------------------------
+    @property
+    def constants(self) -> Params:
+        """Kernel parameters that are not learned (buffers)."""
+        return dict(self.module.named_buffers())
+
     def params(self) -> dict[str, nn.Parameter]:
         return dict(self.module.named_parameters())
 
@@ -104,59 +108,62 @@ class MetaLearner:
         body = {k[len("backbone."):]: v for k, v in params.items() if k.startswith("backbone.")}
         return functional_call(self.module["backbone"], body, (x, n_stats))
 
-    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+    def _targets(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.regression:
-            return y
-        return (y[:, None] == torch.arange(self.ways, device=y.device)).to(torch.float32)
+            return y.to(dtype)
+        return (y[:, None] == torch.arange(self.ways, device=y.device)).to(dtype)
 
     def _loss_acc(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.regression:
-            return F.mse_loss(out, y), torch.full((), float("nan"), device=out.device)
+            return F.mse_loss(out, y.to(out.dtype)), torch.full((), float("nan"), device=out.device,
+                                                                 dtype=out.dtype)
         loss = F.cross_entropy(out, y)
-        acc = (out.argmax(-1) == y).to(torch.float32).mean()
+        acc = (out.argmax(-1) == y).to(out.dtype).mean()
         return loss, acc
 
-    def _kernel_task(self, params: Params, xs, ys, xq, yq, first_order: bool):
+    def _kernel_predict(self, params: Params, xs, ys, xq, first_order: bool):
         k = self.cfg.kernel
         p = {**self.constants, **params}
         n_s = xs.shape[0]
-        z = self._features(params, torch.cat([xs, xq]), n_s).float()
+        z = _at_least_float32(self._features(params, torch.cat([xs, xq]), n_s))
         if k.normalize:
             z = F.normalize(z, dim=-1)
         zs, zq = z[:n_s], z[n_s:]
         with _no_autocast(z.device):
             log_bw, lam = p["head.log_bandwidth"], torch.exp(p["head.log_lam"])
             K = kernel.rbf_kernel(zs, zs, log_bw)
-            alpha = kernel.solve_coefficients(K, self._targets(ys), lam, k.mu)
+            alpha = kernel.solve_coefficients(K, self._targets(ys, z.dtype), lam, k.mu)
             if first_order:
                 alpha = alpha.detach()
             out = p["head.scale"] * (kernel.rbf_kernel(zq, zs, log_bw) @ alpha) + p["head.bias"]
-            loss, acc = self._loss_acc(out, yq)
-            if k.gamma > 0:
-                loss = loss + k.gamma * kernel.information_term(K, lam) / n_s
-        return loss, acc
+            penalty = k.gamma * kernel.information_term(K, lam) / n_s if k.gamma > 0 else 0.0
+        return out, penalty
 
     def _head_out(self, params: Params, x: torch.Tensor, n_stats: int | None) -> torch.Tensor:
         h = self._features(params, x, n_stats)
-        return F.linear(h, params["head.weight"], params["head.bias"]).float()
+        return _at_least_float32(F.linear(h, params["head.weight"], params["head.bias"]))
 
     def _support_loss(self, params: Params, xs, ys):
         return self._loss_acc(self._head_out(params, xs, None), ys)[0]
 
-    def _maml_task(self, params: Params, xs, ys, xq, yq, steps: int):
-        m = self.cfg.maml
-        fast = maml.adapt(self._support_loss, params, xs, ys, steps, m.lr,
+    def _maml_predict(self, params: Params, xs, ys, xq, steps: int):
+        fast = maml.adapt(self._support_loss, params, xs, ys, steps, self.cfg.maml.lr,
                           first_order=(self.inner == "fomaml"))
         n_s = xs.shape[0]
-        out = self._head_out(fast, torch.cat([xs, xq]), n_s)[n_s:]
-        return self._loss_acc(out, yq)
+        return self._head_out(fast, torch.cat([xs, xq]), n_s)[n_s:], 0.0
+
+    def adapt_predict(self, params: Params, xs, ys, xq, training: bool = True):
+        """Adapt to one task's support set, predict its queries: (outputs, loss penalty)."""
+        if self.inner == "kernel":
+            return self._kernel_predict(params, xs, ys, xq, self.cfg.kernel.first_order and training)
+        steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
+        return self._maml_predict(params, xs, ys, xq, steps)
 
     def task_loss(self, params: Params, xs, ys, xq, yq, training: bool = True):
-        """One task's query loss after inner adaptation, and its accuracy."""
-        if self.inner == "kernel":
-            return self._kernel_task(params, xs, ys, xq, yq, self.cfg.kernel.first_order and training)
-        steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
-        return self._maml_task(params, xs, ys, xq, yq, steps)
+        """One task's query loss after inner adaptation (plus the gamma term), and its accuracy."""
+        out, penalty = self.adapt_predict(params, xs, ys, xq, training)
+        loss, acc = self._loss_acc(out, yq)
+        return loss + penalty, acc
 
     # -- batched over tasks ----------------------------------------------------------------------
     def meta_gradients(self, params: Params, ep: Episodes) -> TaskGradients:
@@ -170,7 +177,7 @@ class MetaLearner:
         with self._autocast():
             grads, (loss, acc) = vmap(grad(per_task, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
                 params, ep.xs, ep.ys, ep.xq, ep.yq)
-        return TaskGradients(self.layout.flatten(grads, batch_dims=1).float(), loss, acc)
+        return TaskGradients(self.layout.flatten(grads, batch_dims=1), loss, acc)
 
     def evaluate(self, params: Params, ep: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time adaptation and query loss/accuracy per task, no meta-gradient."""
@@ -186,6 +193,11 @@ class MetaLearner:
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Losses and the kernel solve never run in half precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _no_autocast(device: torch.device):

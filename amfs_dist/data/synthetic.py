@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,17 +30,29 @@ def _bezier(control: np.ndarray, n: int) -> np.ndarray:
     return ((1 - t) ** 3) * c0 + 3 * ((1 - t) ** 2) * t * c1 + 3 * (1 - t) * t * t * c2 + t ** 3 * c3
 
 
-def _glyph_strokes(rng: np.random.Generator, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class prototypes: control points [C, 4, 4, 2] in the unit square, stroke mask [C, 4]."""
-    control = np.empty((n_classes, _MAX_STROKES, 4, 2))
-    start = rng.uniform(0.2, 0.8, size=(n_classes, _MAX_STROKES, 1, 2))
-    steps = rng.normal(0.0, 0.18, size=(n_classes, _MAX_STROKES, 3, 2))
-    control[:, :, :1] = start
-    control[:, :, 1:] = start + np.cumsum(steps, axis=2)
-    control = np.clip(control, 0.1, 0.9)
-    n_strokes = rng.integers(2, _MAX_STROKES + 1, size=n_classes)
-    mask = np.arange(_MAX_STROKES)[None, :] < n_strokes[:, None]
-    return control, mask
+def _glyph_class(rng: np.random.Generator, instances: int) -> tuple[np.ndarray, np.ndarray]:
+    """One class: the points of each instance's strokes [I, S*P, 2] and stroke widths [I].
+
+    The prototype is 2-4 cubic Bezier strokes; each instance jitters the control points,
+    changes the width and applies a small affine warp about the centre.
+    """
+    start = rng.uniform(0.2, 0.8, size=(_MAX_STROKES, 1, 2))
+    control = np.clip(np.concatenate(
+        [start, start + np.cumsum(rng.normal(0.0, 0.18, size=(_MAX_STROKES, 3, 2)), 1)], 1), 0.1, 0.9)
+    used = np.arange(_MAX_STROKES) < rng.integers(2, _MAX_STROKES + 1)
+    ctrl = control + rng.normal(0.0, 0.045, size=(instances,) + control.shape)
+    angle = rng.uniform(-0.3, 0.3, size=instances)
+    scale = rng.uniform(0.8, 1.2, size=(instances, 2))
+    shear = rng.uniform(-0.25, 0.25, size=instances)
+    shift = rng.uniform(-0.08, 0.08, size=(instances, 2))
+    cos, sin = np.cos(angle), np.sin(angle)
+    A = np.stack([np.stack([cos * scale[:, 0], -sin + shear], -1),
+                  np.stack([sin, cos * scale[:, 1]], -1)], -2)  # [I, 2, 2]
+    pts = _bezier(ctrl, _POINTS_PER_STROKE)  # [I, S, P, 2]
+    pts = np.einsum("ixy,ispy->ispx", A, pts - 0.5) + 0.5 + shift[:, None, None, :]
+    pts = np.where(used[None, :, None, None], pts, 100.0)  # unused strokes draw nothing
+    width = 0.035 * rng.uniform(0.7, 1.4, size=instances)
+    return pts.reshape(instances, -1, 2), width
 
 
 def _render(points: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tensor:
@@ -53,36 +67,55 @@ def _render(points: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tenso
     return torch.cat(out)
 
 
+_RENDER_VERSION = 2  # bump when rendering changes, so cached images are not reused
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("AMFS_CACHE", Path.home() / ".cache" / "amfs-dist"))
+
+
 @functools.lru_cache(maxsize=4)
 def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES,
                  classes: tuple[tuple[str, int], ...] = tuple(GLYPH_CLASSES.items())) -> ImageSet:
-    """The synthetic glyph data set: class-disjoint splits, `instances` images per class."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x61796C67]))
-    n_classes = sum(n for _, n in classes)
-    control, mask = _glyph_strokes(rng, n_classes)
-    # per instance: jittered control points, a width change and an affine warp about the centre
-    ctrl = control[:, None] + rng.normal(0.0, 0.045, size=(n_classes, instances) + control.shape[1:])
-    angle = rng.uniform(-0.3, 0.3, size=(n_classes, instances))
-    scale = rng.uniform(0.8, 1.2, size=(n_classes, instances, 2))
-    shear = rng.uniform(-0.25, 0.25, size=(n_classes, instances))
-    shift = rng.uniform(-0.08, 0.08, size=(n_classes, instances, 2))
-    cos, sin = np.cos(angle), np.sin(angle)
-    A = np.stack([np.stack([cos * scale[..., 0], -sin + shear], -1),
-                  np.stack([sin, cos * scale[..., 1]], -1)], -2)  # [C, I, 2, 2]
-    pts = _bezier(ctrl, _POINTS_PER_STROKE)  # [C, I, S, P, 2]
-    pts = np.einsum("cixy,cispy->cispx", A, pts - 0.5) + 0.5 + shift[:, :, None, None, :]
-    pts = np.where(mask[:, None, :, None, None], pts, 100.0)  # unused strokes draw nothing
-    width = 0.035 * rng.uniform(0.7, 1.4, size=(n_classes, instances))
-    images = _render(torch.from_numpy(pts.reshape(n_classes * instances, -1, 2)).float(),
-                     torch.from_numpy(width.reshape(-1)).float(), size)
-    images = (images * 255).round().to(torch.uint8).numpy()
-    labels = np.repeat(np.arange(n_classes), instances)
+    """The synthetic glyph data set: class-disjoint splits, `instances` images per class.
+
+    Rendering takes seconds, so the images are cached on disk (AMFS_CACHE, default
+    ~/.cache/amfs-dist) under a name that holds every argument.
+    """
+    key = f"glyphs-v{_RENDER_VERSION}-s{seed}-{size}px-{instances}-" + "-".join(
+        f"{name}{n}" for name, n in classes)
+    path = _cache_dir() / f"{key}.npy"
+    images = None
+    if path.is_file():
+        try:
+            images = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            images = None  # a damaged cache file is rendered again
+    if images is None:
+        images = render_glyphs(seed, size, instances, sum(n for _, n in classes))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, images)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home is fine: the images are just rendered each time
+    labels = np.repeat(np.arange(len(images) // instances), instances)
     splits, first = {}, 0
     for name, count in classes:
         splits[name] = np.arange(first, first + count)
         first += count
-    names = [f"glyph{c:04d}" for c in range(n_classes)]
+    names = [f"glyph{c:04d}" for c in range(len(images) // instances)]
     return ImageSet(images, labels, names, splits)
+
+
+def render_glyphs(seed: int, size: int, instances: int, n_classes: int) -> np.ndarray:
+    """uint8 [n_classes * instances, 1, size, size], class-major; class c depends on (seed, c) only."""
+    drawn = [_glyph_class(np.random.default_rng([seed, 0x61796C67, c]), instances)
+             for c in range(n_classes)]
+    points = torch.from_numpy(np.concatenate([p for p, _ in drawn])).float()
+    width = torch.from_numpy(np.concatenate([w for _, w in drawn])).float()
+    return (_render(points, width, size) * 255).round().to(torch.uint8).numpy()
 
 
 class SinusoidTasks:

@@ -32,7 +32,7 @@ class SupportBatchNorm(nn.Module):
 class ConvBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)  # the norm's bias replaces it
         self.norm = SupportBatchNorm(cout)
 
     def forward(self, x, n_stats):

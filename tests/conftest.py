@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny configs, and one Ray cluster per test session (started on first use)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Settings small enough for a test on 2 CPU cores, large enough to exercise every code path.
+TINY = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.meta_batch=4",
+        "train.val_every=0", "eval.episodes=6", "eval.queries=2", "eval.batch=3",
+        "train.val_episodes=3", "maml.steps=1", "maml.test_steps=1"]
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster for the whole session: 2 CPUs and 2 logical GPUs (placement only)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

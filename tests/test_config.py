@@ -1,0 +1,81 @@
+"""Config loading, overrides and validation errors (DESIGN 4)."""
+import pytest
+import yaml
+
+from amfs_dist.cli import main
+from amfs_dist.config import ConfigError, load_config
+
+
+def test_defaults_and_presets():
+    cfg = load_config()
+    assert (cfg.method, cfg.inner_loop, cfg.outer_weighting) == ("amfs", "kernel", "cosine")
+    assert cfg.data.source == "synthetic" and cfg.backbone == "conv4"
+    assert load_config(None, ["method=fomaml"]).inner_loop == "fomaml"
+    mixed = load_config(None, ["method=maml", "outer.weighting=cosine"])
+    assert mixed.method_name == "oamfs"
+    assert load_config(None, ["inner=fomaml", "outer.weighting=cosine"]).method_name == "fomaml+cosine"
+    assert load_config(None, ["data.source=sinusoid"]).backbone == "mlp"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"kernel": {"lam": 0.5, "mu": 0.2}, "train": {"steps": 7}}))
+    cfg = load_config(path, ["kernel.mu=0.3", "kernel.learn_lam=true"])
+    assert (cfg.kernel.lam, cfg.kernel.mu, cfg.train.steps, cfg.kernel.learn_lam) == (0.5, 0.3, 7, True)
+    assert isinstance(load_config(None, ["kernel.bandwidth=2"]).kernel.bandwidth, float)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["seed=3", "outer.normalize=softmax"])
+    assert load_config(None, [f"{k}={v}" for k, v in cfg.to_flat().items() if v is not None]
+                       ).to_flat() == cfg.to_flat()
+
+
+BAD = [
+    ("kernel.lamda=1", "kernel.lamda", "unknown"),
+    ("data.ways=five", "data.ways", "five"),
+    ("train.steps=1.5", "train.steps", "1.5"),
+    ("kernel.lam=0", "kernel.lam", "0"),
+    ("kernel.lam=-1", "kernel.lam", "-1"),
+    ("kernel.bandwidth=0", "kernel.bandwidth", "0"),
+    ("kernel.mu=-0.1", "kernel.mu", "-0.1"),
+    ("kernel.gamma=-2", "kernel.gamma", "-2"),
+    ("data.ways=0", "data.ways", "0"),
+    ("data.shots=0", "data.shots", "0"),
+    ("data.queries=0", "data.queries", "0"),
+    ("train.meta_batch=0", "train.meta_batch", "0"),
+    ("method=reptile", "method", "reptile"),
+    ("kernel.normalize=maybe", "kernel.normalize", "maybe"),
+    ("outer.weighting=max", "outer.weighting", "max"),
+]
+
+
+@pytest.mark.parametrize("override,key,value", BAD)
+def test_bad_values_name_key_and_value(override, key, value, capsys, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value) and value in str(e.value)
+    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and key in err and value in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kernel: [1, 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    nested = tmp_path / "unknown.yaml"
+    nested.write_text("kernel:\n  sigma: 1.0\n")
+    assert main(["train", "--config", str(nested)]) == 2
+    assert "kernel.sigma" in capsys.readouterr().err
+
+
+def test_override_without_equals_is_an_error(capsys):
+    assert main(["train", "kernel.lam"]) == 2
+    assert "key=value" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""Training, checkpoint/resume, evaluation and the CLI end to end on tiny settings."""
+import json
+
+import pytest
+import torch
+
+from amfs_dist.cli import main
+from amfs_dist.config import load_config
+from amfs_dist.train import CHECKPOINT, run_training
+
+RESULT_KEYS = {"method", "test_accuracy", "test_ci95", "test_episodes", "adapt_ms_per_task",
+               "meta_steps", "wall_s"}
+
+
+def _params(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)["model"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
+    cfg = load_config(None, tiny + ["train.steps=6", "train.checkpoint_every=2", "method=amfs",
+                                    "kernel.learn_lam=true"])
+    straight = run_training(cfg, out=tmp_path / "straight", progress=False)
+
+    def stop_at_3(trainer, row):
+        if trainer.step == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        run_training(cfg, out=tmp_path / "cut", progress=False, on_step=stop_at_3)
+    state = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 3  # the checkpoint taken on the way out, not the step-2 one
+    resumed = run_training(resume=tmp_path / "cut", progress=False)
+    for name, value in _params(tmp_path / "straight").items():
+        torch.testing.assert_close(_params(tmp_path / "cut")[name], value, rtol=0, atol=0)
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("method", ["amfs", "iamfs", "oamfs", "maml", "fomaml"])
+def test_every_method_trains_and_writes_a_result(method, tiny, tmp_path):
+    cfg = load_config(None, tiny + ["train.steps=2", "train.val_every=2", f"method={method}"])
+    result = run_training(cfg, out=tmp_path, progress=False)
+    assert RESULT_KEYS <= set(result)
+    assert result["method"] == method and result["meta_steps"] == 2
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_episodes"] == 6
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert load_config(tmp_path / "config.yaml").to_flat() == cfg.to_flat()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "val_accuracy" in rows[1]
+    for key in ("weights", "weight_entropy", "agreement_min", "agreement_max", "sampling_s",
+                "compute_s", "weighting_s", "update_s", "bad_tasks"):
+        assert key in rows[0]
+    assert abs(sum(rows[0]["weights"]) - 1) < 1e-5
+    if method in ("amfs", "oamfs"):
+        assert len(set(rows[0]["weights"])) > 1  # cosine weighting is not the mean
+
+
+def test_training_improves_on_synthetic_glyphs(tmp_path):
+    """Enough steps on the default settings (smaller model) beat the untrained model."""
+    cfg = load_config(None, ["train.steps=30", "train.val_every=0", "eval.episodes=40",
+                             "data.queries=5", "model.width=16", "train.lr=0.005"])
+    before = run_training(cfg.replace(**{"train.steps": 0}), out=tmp_path / "0", progress=False)
+    after = run_training(cfg, out=tmp_path / "30", progress=False)
+    assert after["test_accuracy"] > before["test_accuracy"] + 0.03
+    assert after["test_accuracy"] > 0.5  # chance is 0.2
+
+
+def test_sinusoid_regression(tmp_path):
+    cfg = load_config(None, ["data.source=sinusoid", "data.shots=10", "data.queries=10",
+                             "train.steps=3", "train.val_every=0", "eval.episodes=20",
+                             "method=iamfs", "kernel.gamma=0"])
+    result = run_training(cfg, out=tmp_path, progress=False)
+    assert result["test_accuracy"] is None and result["test_mse"] > 0
+
+
+def test_cli_train_then_eval(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["meta_steps"] == 2
+    assert main(["eval", str(run), "--episodes", "4"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    evaluated = json.loads(out[0])
+    assert evaluated["test_episodes"] == 4 and 0 <= evaluated["test_accuracy"] <= 1
+    # the first 4 test episodes are the same ones whatever the number asked for
+    assert main(["eval", str(run), "--episodes", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == evaluated["test_accuracy"]
+    # an existing run is not overwritten by a new train
+    assert main(["train", "--out", str(run), "--no-progress", *tiny]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_checkpoint_loads_with_weights_only(tiny, tmp_path):
+    cfg = load_config(None, tiny + ["train.steps=1"])
+    run_training(cfg, out=tmp_path, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert {"step", "model", "optimizer", "torch_rng"} <= set(state)
