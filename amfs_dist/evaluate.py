@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.config import load_config
@@ -14,7 +15,7 @@ from amfs_dist.errors import UserError
 
 
 def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, queries: int,
-                      batch: int, params=None) -> dict:
+                      batch: int, params=None, progress: bool = False) -> dict:
     """Mean accuracy (or MSE for regression) over `episodes` test episodes and its 95% CI.
 
     Episodes come from (seed, split, step 0, episode index) only, so every method and every
@@ -23,7 +24,8 @@ def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, q
     """
     params = params if params is not None else learner.params()
     values, losses, adapt_s = [], [], 0.0
-    for first in range(0, episodes, batch):
+    for first in tqdm(range(0, episodes, batch), desc=f"{split} episodes", unit="batch",
+                      disable=not progress, leave=False, dynamic_ncols=True):
         ids = list(range(first, min(first + batch, episodes)))
         ep = source.sample(split, 0, ids, queries=queries)
         t0 = time.perf_counter()
@@ -68,12 +70,13 @@ def _device(cfg) -> str:
 
 
 def eval_run(run_dir: str | Path, episodes: int | None = None,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, progress: bool = False) -> dict:
     from amfs_dist.data import make_task_source
     cfg, learner, input_shape = load_run(run_dir, overrides)
     source = make_task_source(cfg, input_shape)
     n = episodes or cfg.eval.episodes
-    stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch)
+    stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch,
+                              progress=progress)
     return {"run": str(run_dir), "method": cfg.method_name, "data_source": cfg.data.source,
             "ways": cfg.data.ways, "shots": cfg.data.shots,
             "test_accuracy": stats["accuracy"], "test_ci95": stats["ci95"],

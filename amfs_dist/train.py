@@ -214,7 +214,7 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
     _atomic_save({"model": trainer.learner.module.state_dict(),
                   "input_shape": list(trainer.source.input_shape)}, run_dir / "model.pt")
     test = evaluate_episodes(trainer.learner, trainer.source, "test", cfg.eval.episodes,
-                             cfg.eval.queries, cfg.eval.batch)
+                             cfg.eval.queries, cfg.eval.batch, progress=progress)
     result = {"method": cfg.method_name, "inner": cfg.inner_loop, "outer": cfg.outer_weighting,
               "data_source": cfg.data.source, "ways": cfg.data.ways, "shots": cfg.data.shots,
               "test_accuracy": test["accuracy"], "test_ci95": test["ci95"],

@@ -122,3 +122,17 @@ def test_batch_norm_is_not_transductive(tiny):
             out_other, _ = learner.adapt_predict(params, ep.xs[0], ep.ys[0], other[0], training=False)
         torch.testing.assert_close(out[0], out_other[0])
         assert not torch.allclose(out[1:], out_other[1:])
+
+
+@pytest.mark.parametrize("method", ["amfs", "maml"])
+def test_bf16_autocast_keeps_the_meta_gradient_direction(tiny, method):
+    cfg = load_config(None, tiny + [f"method={method}", "train.precision=bf16"])
+    source = make_task_source(cfg)
+    half = MetaLearner(cfg, source.input_shape)
+    full = MetaLearner(cfg.replace(**{"train.precision": "fp32"}), source.input_shape)
+    full.module.load_state_dict(half.module.state_dict())
+    ep = source.sample("train", 0, [0, 1, 2])
+    g_half = half.meta_gradients(half.load_flat(half.flat_params()), ep).grads
+    g_full = full.meta_gradients(full.load_flat(full.flat_params()), ep).grads
+    assert g_half.dtype == torch.float32 and torch.isfinite(g_half).all()
+    assert torch.all(F.cosine_similarity(g_half, g_full) > 0.85)

@@ -18,5 +18,5 @@ def run(args) -> int:
 
     if args.episodes is not None and args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
-    print_json(eval_run(args.run_dir, args.episodes, args.overrides))
+    print_json(eval_run(args.run_dir, args.episodes, args.overrides, progress=True))
     return 0
