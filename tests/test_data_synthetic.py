@@ -42,6 +42,10 @@ def test_episodes_depend_only_on_seed_step_and_task_id():
     assert torch.equal(whole.yq, source.sample("train", 7, list(range(6))).yq)
     assert not torch.equal(whole.xs, source.sample("train", 8, list(range(6))).xs)
     assert whole.xs.shape == (6, 10, 1, 28, 28) and whole.xq.shape == (6, 15, 1, 28, 28)
+    assert whole.xs.dtype == torch.uint8
+    as_float = whole.to("cpu")
+    assert as_float.xs.dtype == torch.float32 and float(as_float.xs.max()) == 1.0
+    torch.testing.assert_close(as_float.xq * 255, whole.xq.float())
     assert torch.equal(whole.ys[0], torch.arange(5).repeat_interleave(2))
 
 
@@ -52,7 +56,7 @@ def test_episode_classes_come_from_their_split_only():
     lookup = {data.images[i].tobytes(): data.labels[i] for i in range(len(data.labels))}
     for split in ("train", "val", "test"):
         ep = source.sample(split, 0, list(range(4)))
-        imgs = (ep.xs * 255).round().to(torch.uint8).numpy().reshape(-1, 1, 28, 28)
+        imgs = ep.xs.numpy().reshape(-1, 1, 28, 28)
         classes = {int(lookup[im.tobytes()]) for im in imgs}
         assert classes <= set(data.splits[split].tolist())
 

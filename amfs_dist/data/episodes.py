@@ -25,8 +25,9 @@ def task_rng(seed: int, split: str, step: int, task_id: int) -> np.random.Genera
 class Episodes:
     """A batch of T tasks: support (xs, ys) and query (xq, yq), task-major.
 
-    Classification: xs [T, n_s, C, H, W] float32 in [0, 1], ys [T, n_s] int64 in [0, ways).
-    Regression: xs [T, n_s, D], ys [T, n_s, 1] float32.
+    Classification: xs [T, n_s, C, H, W], ys [T, n_s] int64 in [0, ways). Images stay uint8
+    (0-255) from the store to the device, a quarter of the bytes of float32; `to` makes them
+    floats in [0, 1] there. Regression: xs [T, n_s, D], ys [T, n_s, 1] float32.
     """
 
     xs: torch.Tensor
@@ -39,10 +40,16 @@ class Episodes:
     def num_tasks(self) -> int:
         return self.xs.shape[0]
 
-    def to(self, device, dtype=None) -> "Episodes":
-        move = lambda t: t.to(device, dtype=dtype if (dtype and t.is_floating_point()) else None,
-                              non_blocking=True)
-        return Episodes(move(self.xs), move(self.ys), move(self.xq), move(self.yq), self.ways)
+    def to(self, device, dtype: torch.dtype | None = None) -> "Episodes":
+        """Moved to `device`, uint8 images turned into floats in [0, 1] (`dtype`, default float32)
+        on arrival; floating tensors are cast to `dtype` when it is given."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=True)
+            if t.dtype == torch.uint8:
+                return t.to(dtype or torch.float32).div_(255.0)
+            return t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
+        return Episodes(move(self.xs), self.ys.to(device), move(self.xq), self.yq.to(device),
+                        self.ways)
 
     def index(self, rows) -> "Episodes":
         return Episodes(self.xs[rows], self.ys[rows], self.xq[rows], self.yq[rows], self.ways)
@@ -123,9 +130,9 @@ class ImageEpisodeSampler:
         order = np.argsort(flat, kind="stable")
         gathered = np.empty((flat.size,) + self.data.image_shape, dtype=np.uint8)
         gathered[order] = self.data.images[flat[order]]
-        x = torch.from_numpy(gathered).float().div_(255.0)
+        x = torch.from_numpy(gathered)
         if self.image_transform is not None:
-            x = self.image_transform(x)
+            x = self.image_transform(x.float().div_(255.0))
         x = x.view(len(task_ids), self.ways, per_class, *x.shape[1:])
         labels = torch.arange(self.ways).view(1, self.ways, 1)
         xs = x[:, :, :self.shots].flatten(1, 2)
