@@ -202,9 +202,9 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         if (run_dir / CHECKPOINT).exists():
             raise UserError(f"--out {run_dir}: holds a run already; resume it with "
                             f"`amfs train --resume {run_dir}` or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, run_dir, backend)
     try:
         if resume is not None:
             trainer.load_checkpoint()

@@ -106,3 +106,38 @@ def test_checkpoint_loads_with_weights_only(tiny, tmp_path):
     run_training(cfg, out=tmp_path, progress=False)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert {"step", "model", "optimizer", "torch_rng"} <= set(state)
+
+
+def test_cross_domain_eval_converts_the_other_stores_images(tiny, tmp_path, capsys):
+    """Train on an RGB 16px store, evaluate on a grey 20px one and back (mini-ImageNet <-> CUB)."""
+    import numpy as np
+
+    from amfs_dist.data.episodes import ImageSet
+    from amfs_dist.data.store import write_store
+
+    def store(path, channels, size, seed):
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, size=(9 * 4, channels, size, size), dtype=np.uint8)
+        labels = np.repeat(np.arange(9), 4)
+        split = {"train": np.arange(3), "val": np.arange(3, 6), "test": np.arange(6, 9)}
+        write_store(path, ImageSet(images, labels, [f"c{i}" for i in range(9)], split),
+                    source="unit", split_name="fixed")
+        return path
+
+    rgb, grey = store(tmp_path / "rgb", 3, 16, 0), store(tmp_path / "grey", 1, 20, 1)
+    for trained_on, other, shape in ((rgb, grey, [3, 16, 16]), (grey, rgb, [1, 20, 20])):
+        run = tmp_path / f"run-{trained_on.name}"
+        assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=1",
+                     f"data.source={trained_on}"]) == 0
+        capsys.readouterr()
+        assert torch.load(run / "model.pt", weights_only=True)["input_shape"] == shape
+        assert main(["eval", str(run), "--episodes", "3", f"data.source={other}"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["data_source"] == str(other) and 0 <= result["test_accuracy"] <= 1
+
+
+def test_an_input_too_small_for_the_backbone_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "data.image_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size" in err and "conv4" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

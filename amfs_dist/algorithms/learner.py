@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from amfs_dist.algorithms import kernel, maml
 from amfs_dist.config import Config
 from amfs_dist.data.episodes import Episodes
+from amfs_dist.errors import UserError
 from amfs_dist.models.backbones import build_backbone, feature_dim
 
 Params = dict[str, torch.Tensor]
@@ -78,11 +79,16 @@ class MetaLearner:
         self.inner = cfg.inner_loop
         self.device = torch.device(device)
         backbone = build_backbone(cfg.backbone, input_shape, cfg.model.width)
+        try:
+            features = feature_dim(backbone, input_shape)
+        except RuntimeError as e:
+            raise UserError(f"data.image_size: input of shape {tuple(input_shape)} does not fit "
+                            f"model.backbone={cfg.backbone} ({e})") from None
         out_dim = 1 if self.regression else self.ways
         if self.inner == "kernel":
             head = KernelHead(cfg, self.regression)
         else:
-            head = nn.Linear(feature_dim(backbone, input_shape), out_dim)
+            head = nn.Linear(features, out_dim)
         self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
         self.layout = ParamLayout(self.params())
         self.autocast = (cfg.train.precision == "bf16")
