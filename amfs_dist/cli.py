@@ -15,7 +15,7 @@ COMMAND_MODULES = [
     "amfs_dist.commands.train",
     "amfs_dist.commands.eval",
     "amfs_dist.data.cli",
-    "amfs_dist.commands.tune",
+    "amfs_dist.tune.cli",
     "amfs_dist.benchmarks.cli",
 ]
 

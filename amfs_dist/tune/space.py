@@ -1,0 +1,422 @@
+"""The sweep file: a base training config, a search space over config keys, sweep settings.
+
+    base:                       # an amfs config (same dotted keys as `amfs train`), flat or nested
+      data.ways: 5
+      train.steps: 40
+      train.val_every: 10       # trials report validation accuracy every val_every steps
+    search:                     # config key -> one distribution
+      kernel.bandwidth: {loguniform: [0.1, 10.0]}
+      kernel.lam: {loguniform: [0.001, 1.0]}
+      kernel.mu: {uniform: [0.0, 0.5]}
+      kernel.gamma: {uniform: [0.0, 0.1]}
+      model.width: {choice: [16, 32]}      # also: [16, 32] alone
+      maml.steps: {randint: [1, 5]}        # integers, both ends included
+    sweep:                      # settings, see SETTINGS
+      num_samples: 8
+      max_concurrent_trials: 2
+
+Overrides (`amfs tune ... key=value`): `sweep.NAME=V` sets a setting, `search.KEY=V` replaces or
+adds a dimension (V is YAML, e.g. 'search.kernel.lam={loguniform: [0.01, 1]}'), and any other
+key sets the base config; a base override of a swept key fixes it (it leaves the search).
+
+Everything is validated here, before Ray starts: errors are one line naming the key.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amfs_dist.config import SCHEMA, Config, ConfigError, flatten, parse_override, resolve
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
+RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")
+# keys a sweep cannot vary: they set the trial's resources or ASHA's time axis
+FIXED_PREFIXES = ("dist.",)
+FIXED_KEYS = ("train.steps", "train.val_every")
+METRICS = {"val_accuracy": "max", "val_loss": "min"}
+BUILTIN_SOURCES = ("synthetic", "sinusoid")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One search dimension; ranges include both ends."""
+
+    key: str
+    kind: str
+    low: Any = None
+    high: Any = None
+    choices: tuple = ()
+
+    @property
+    def log(self) -> bool:
+        return self.kind in ("loguniform", "lograndint")
+
+    def to_tune(self):
+        from ray import tune
+        if self.kind == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.kind == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.kind == "randint":  # Tune's upper bound is exclusive
+            return tune.randint(self.low, self.high + 1)
+        if self.kind == "lograndint":
+            return tune.lograndint(self.low, self.high + 1)
+        return tune.choice(list(self.choices))
+
+    def contains(self, value) -> bool:
+        if self.kind == "choice":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind in ("randint", "lograndint") and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
+    def to_yaml(self):
+        if self.kind == "choice":
+            return {"choice": list(self.choices)}
+        return {self.kind: [self.low, self.high]}
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return "choice " + ", ".join(map(repr, self.choices))
+        return f"{self.kind} [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class Setting:
+    types: tuple[type, ...]
+    default: Any
+    check: Any = None
+    rule: str = ""
+    nullable: bool = False
+
+
+SETTINGS: dict[str, Setting] = {
+    "name": Setting((str,), "sweep", lambda v: bool(v) and "/" not in v, "a non-empty name without /"),
+    "num_samples": Setting((int,), 8, lambda v: v >= 1, ">= 1"),
+    "max_concurrent_trials": Setting((int,), 2, lambda v: v >= 1, ">= 1 (or null: no limit)", True),
+    "seed": Setting((int,), 0, lambda v: v >= 0, ">= 0"),
+    "metric": Setting((str,), "val_accuracy", lambda v: v in METRICS, "val_accuracy or val_loss"),
+    "scheduler": Setting((str,), "asha", lambda v: v in ("asha", "fifo"), "asha or fifo"),
+    "grace_period": Setting((int,), 1, lambda v: v >= 1, ">= 1 (validations)"),
+    "reduction_factor": Setting((int, float), 2, lambda v: v > 1, "> 1"),
+    "startup_trials": Setting((int,), 10, lambda v: v >= 1, ">= 1"),
+    "trial_cpus": Setting((int, float), 1, lambda v: v > 0, "> 0"),
+    "trial_gpus": Setting((int, float), 0, lambda v: v >= 0, ">= 0"),
+    "max_failures": Setting((int,), 1, lambda v: v >= 0, ">= 0"),
+    "keep_checkpoints": Setting((int,), 2, lambda v: v >= 1, ">= 1"),
+    "test_episodes": Setting((int,), None, lambda v: v >= 1, ">= 1 (or null: eval.episodes)", True),
+    "points_to_evaluate": Setting((list,), [], None, "a list of {key: value} mappings"),
+}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    name: str = "sweep"
+    num_samples: int = 8
+    max_concurrent_trials: int | None = 2
+    seed: int = 0
+    metric: str = "val_accuracy"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2
+    startup_trials: int = 10
+    trial_cpus: float = 1
+    trial_gpus: float = 0
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+    test_episodes: int | None = None
+    points_to_evaluate: list = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SweepSpec:
+    base: Config
+    search: dict[str, Dist]
+    settings: SweepSettings
+    source: str = "<default>"
+
+    @property
+    def metric(self) -> str:
+        return self.settings.metric
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def max_reports(self) -> int:
+        """Validations per trial: ASHA's max_t (the trial reports once per validation)."""
+        t = self.base.train
+        return math.ceil(t.steps / t.val_every)
+
+    def param_space(self) -> dict:
+        """Tune's param_space: every config key, the swept ones as Tune domains."""
+        space = {k: v for k, v in self.base.to_flat().items() if k not in self.search}
+        space.update({k: d.to_tune() for k, d in self.search.items()})
+        return space
+
+    def bundles(self) -> list[dict[str, float]]:
+        """Placement group bundles: the trial's driver, then one per distributed worker."""
+        s, d = self.settings, self.base.dist
+        driver = {"CPU": float(s.trial_cpus)}
+        if s.trial_gpus:
+            driver["GPU"] = float(s.trial_gpus)
+        worker = {"CPU": float(d.cpus_per_worker)}
+        if d.gpus_per_worker:
+            worker["GPU"] = float(d.gpus_per_worker)
+        return [driver] + [dict(worker) for _ in range(d.workers)]
+
+    def to_yaml_dict(self) -> dict:
+        return {"base": self.base.to_dict(),
+                "search": {k: d.to_yaml() for k, d in self.search.items()},
+                "sweep": self.settings.to_dict()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_yaml_dict(), sort_keys=False))
+
+
+# The embedded sweep (`amfs tune` with no --config); tuning/tiny-cpu.yaml holds the same.
+DEFAULT_SWEEP: dict = {
+    "base": {
+        "method": "amfs", "data.source": "synthetic", "data.ways": 5, "data.shots": 1,
+        "data.queries": 5, "model.width": 16, "train.meta_batch": 4, "train.steps": 40,
+        "train.val_every": 10, "train.val_episodes": 10, "train.checkpoint_every": 10,
+        "eval.episodes": 100, "eval.queries": 5, "train.device": "cpu",
+    },
+    "search": {
+        "kernel.bandwidth": {"loguniform": [0.05, 5.0]},
+        "kernel.lam": {"loguniform": [0.001, 1.0]},
+        "kernel.mu": {"uniform": [0.0, 0.2]},
+        "kernel.gamma": {"uniform": [0.0, 0.1]},
+    },
+    "sweep": {
+        "name": "tiny-cpu", "num_samples": 6, "max_concurrent_trials": 2, "seed": 0,
+        "metric": "val_accuracy", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+        "startup_trials": 4, "trial_cpus": 1, "trial_gpus": 0, "test_episodes": 100,
+    },
+}
+
+
+def _yaml_value(v):
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _check_setting(name: str, value: Any) -> Any:
+    spec = SETTINGS.get(name)
+    if spec is None:
+        raise ConfigError(f"sweep.{name}: unknown sweep setting (expected one of "
+                          f"{', '.join(SETTINGS)})")
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError(f"sweep.{name}: null is not allowed")
+    ok_type = isinstance(value, spec.types) and not isinstance(value, bool)
+    if not ok_type:
+        want = " or ".join(t.__name__ for t in spec.types)
+        raise ConfigError(f"sweep.{name}: expected {want}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"sweep.{name}: expected a finite number, got {value!r}")
+    if spec.check is not None and not spec.check(value):
+        raise ConfigError(f"sweep.{name}: must be {spec.rule}, got {value!r}")
+    return value
+
+
+def _flatten_search(tree: Any, where: str) -> dict[str, Any]:
+    """search: flat dotted keys, or nested as in a config ('kernel: {lam: ...}')."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: search must be a mapping of config key -> distribution, "
+                          f"got {type(tree).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        key = str(key)
+        if (key not in SCHEMA and isinstance(value, dict)
+                and any(k.startswith(key + ".") for k in SCHEMA)):
+            for sub, v in _flatten_search(value, where).items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_dist(key: str, spec: Any, base: dict[str, Any]) -> Dist:
+    """One search entry -> Dist, validated against the config schema (names search.KEY)."""
+    name = f"search.{key}"
+    if key not in SCHEMA:
+        raise ConfigError(f"{name}: unknown config key")
+    if key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS:
+        raise ConfigError(f"{name}: cannot be swept (it sets the trials' resources or ASHA's "
+                          f"time axis); set it in base:")
+    if isinstance(spec, list):  # shorthand for a choice
+        spec = {"choice": spec}
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{name}: expected one distribution, e.g. {{loguniform: [low, high]}} "
+                          f"or {{choice: [a, b]}}, got {_yaml_value(spec)}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{name}: unknown distribution {kind!r} (expected one of "
+                          f"{', '.join(DISTRIBUTIONS)})")
+    types = SCHEMA[key].types
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{name}: choice needs a non-empty list, got {_yaml_value(args)}")
+        seen = []
+        for v in args:
+            if v in seen:
+                raise ConfigError(f"{name}: choice lists {v!r} twice")
+            seen.append(v)
+        dist = Dist(key, kind, choices=tuple(args))
+        values = [("choice", v) for v in args]
+    else:
+        if bool in types or str in types:
+            raise ConfigError(f"{name}: {kind} needs a numeric key, {key} is a "
+                              f"{'boolean' if bool in types else 'string'}; use choice")
+        if (not isinstance(args, list) or len(args) != 2
+                or not all(_is_number(v) for v in args)):
+            raise ConfigError(f"{name}: {kind} needs [low, high] numbers, got {_yaml_value(args)}")
+        low, high = args
+        if kind in ("randint", "lograndint"):
+            if not all(float(v).is_integer() for v in args):
+                raise ConfigError(f"{name}: {kind} needs integer bounds, got {_yaml_value(args)}")
+            low, high = int(low), int(high)
+        elif int in types and float not in types:
+            raise ConfigError(f"{name}: {key} is an integer; use randint or lograndint, not {kind}")
+        else:
+            low, high = float(low), float(high)
+        if not low < high:
+            raise ConfigError(f"{name}: low must be below high, got [{low:g}, {high:g}]")
+        if kind.startswith("log") and low <= 0:
+            raise ConfigError(f"{name}: {kind} needs bounds > 0, got [{low:g}, {high:g}]")
+        dist = Dist(key, kind, low, high)
+        values = [("low", low), ("high", high)]
+    for what, v in values:  # every end of the range must be a valid config value
+        try:
+            resolve(base, {key: v})
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {what} {v!r} is not a valid value ({e})") from None
+    return dist
+
+
+def _resolve_source(flat: dict[str, Any], check_paths: bool) -> None:
+    """data.source: a store path is made absolute (trials run elsewhere) and must exist."""
+    src = flat.get("data.source")
+    if not isinstance(src, str) or src in BUILTIN_SOURCES:
+        return
+    path = Path(src).expanduser()
+    if check_paths and not path.exists():
+        raise ConfigError(f"data.source: no prepared store at {src} (run `amfs data prepare` "
+                          f"first, or pass data.source=PATH)")
+    flat["data.source"] = str(path.resolve()) if path.exists() else str(path.absolute())
+
+
+def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None,
+               check_paths: bool = True) -> SweepSpec:
+    """Sweep file (or the embedded default) <- overrides, validated; see the module doc."""
+    if path is None:
+        import copy
+        tree, where = copy.deepcopy(DEFAULT_SWEEP), "<default sweep>"
+    else:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"sweep file {p}: not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"sweep file {p}: not valid YAML ({msg})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"sweep file {p}: expected a mapping with base, search and sweep")
+    unknown = [k for k in tree if k not in ("base", "search", "sweep")]
+    if unknown:
+        hint = " (config keys go under base:)" if str(unknown[0]).split(".")[0] in {
+            k.split(".")[0] for k in SCHEMA} else ""
+        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; expected base, search, "
+                          f"sweep{hint}")
+    base_tree = tree.get("base") or {}
+    if not isinstance(base_tree, dict):
+        raise ConfigError(f"{where}: base must be a mapping of config keys")
+    base_flat = flatten(base_tree)
+    search_raw = _flatten_search(tree.get("search") or {}, where)
+    settings_raw = tree.get("sweep") or {}
+    if not isinstance(settings_raw, dict):
+        raise ConfigError(f"{where}: sweep must be a mapping of settings")
+    settings_raw = dict(settings_raw)
+
+    fixed: dict[str, Any] = {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key.startswith("sweep."):
+            settings_raw[key[len("sweep."):]] = value
+        elif key.startswith("search."):
+            search_raw[key[len("search."):]] = value
+        else:
+            fixed[key] = value
+    for key in fixed:  # a base override of a swept key fixes that key
+        search_raw.pop(key, None)
+
+    base = resolve(base_flat, fixed)  # unknown/invalid base keys: ConfigError naming the key
+    flat = base.to_flat()
+    _resolve_source(flat, check_paths)
+    base = resolve(flat, {})
+
+    settings = {name: _check_setting(name, value) for name, value in settings_raw.items()}
+    settings = SweepSettings(**settings)
+
+    if not search_raw:
+        raise ConfigError(f"{where}: search is empty; give at least one key to sweep")
+    search = {key: parse_dist(key, spec, flat) for key, spec in search_raw.items()}
+    spec = SweepSpec(base, search, settings, where)
+    _check_sweep(spec, flat)
+    return spec
+
+
+def _check_sweep(spec: SweepSpec, flat: dict[str, Any]) -> None:
+    s, t = spec.settings, spec.base.train
+    if t.val_every == 0:
+        raise ConfigError("train.val_every: a sweep needs validations to report; set it > 0")
+    if t.val_every > t.steps:
+        raise ConfigError(f"train.val_every: {t.val_every} is more than train.steps={t.steps}; "
+                          f"trials would never report")
+    if s.metric == "val_accuracy" and spec.base.data.source == "sinusoid":
+        raise ConfigError("sweep.metric: data.source=sinusoid is regression (no accuracy); "
+                          "use val_loss")
+    if s.scheduler == "asha" and s.grace_period > spec.max_reports:
+        raise ConfigError(f"sweep.grace_period: {s.grace_period} is more than the "
+                          f"{spec.max_reports} validations a trial makes "
+                          f"(train.steps / train.val_every)")
+    if (spec.base.train.device == "cuda" and spec.base.dist.workers == 0
+            and not s.trial_gpus):
+        raise ConfigError("sweep.trial_gpus: train.device=cuda with dist.workers=0 needs a GPU "
+                          "for each trial; set sweep.trial_gpus >= 1 (or a fraction)")
+    for i, point in enumerate(s.points_to_evaluate):
+        where = f"sweep.points_to_evaluate[{i}]"
+        if not isinstance(point, dict) or not point:
+            raise ConfigError(f"{where}: expected a mapping of swept key -> value")
+        for key, value in flatten(point).items():
+            if key not in spec.search:
+                raise ConfigError(f"{where}.{key}: not a swept key (swept: "
+                                  f"{', '.join(spec.search)})")
+            if not spec.search[key].contains(value):
+                raise ConfigError(f"{where}.{key}: {value!r} is outside "
+                                  f"{spec.search[key].describe()}")
+            try:
+                resolve(flat, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from None
