@@ -84,7 +84,8 @@ SCHEMA: dict[str, Key] = {
     "dist.gpus_per_worker": Key((float,), 0.0, _non_negative, ">= 0"),
     "dist.cpus_per_worker": Key((float,), 1.0, _positive, "> 0"),
     "dist.exchange": Key((str,), "exact", _one_of("exact", "sketch"), "exact or sketch"),
-    "dist.sketch_dim": Key((int,), 1024, _at_least_one, ">= 1"),
+    # cosines from count sketches are off by ~sqrt(2/d): 0.016 at 8192 (distributed/sketch.py)
+    "dist.sketch_dim": Key((int,), 8192, _at_least_one, ">= 1"),
     "dist.max_worker_restarts": Key((int,), 3, _non_negative, ">= 0"),
     # seconds a shard worker may take to start or to answer one step before it is replaced
     "dist.timeout_s": Key((float,), 600.0, _positive, "> 0"),

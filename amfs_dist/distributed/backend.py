@@ -1,0 +1,300 @@
+"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (DESIGN 2).
+
+Each step the driver puts the flat meta-parameters in the object store once, gives worker w
+the task ids w, w+W, w+2W, ... (round robin), and gathers:
+
+- exchange=exact: each worker's [tasks, P] gradient matrix; the driver reassembles the rows in
+  task order (one copy, into a preallocated [T, P] tensor) and calls `weighted_direction`, so
+  the O-AMFS weights are over all T tasks of the step, exactly as in-process.
+- exchange=sketch: each worker's count sketches [tasks, d] (distributed.sketch); the driver
+  computes the weights from them with the same `weigh`, sends each worker its tasks' weights,
+  and adds the workers' weighted local sums [P]. T x P never crosses the network.
+
+Faults: a worker that dies (or does not answer within dist.timeout_s) is killed, replaced and
+its shard recomputed from (params, step, task ids), which gives the same numbers, so the run
+goes on as if nothing happened. After dist.max_worker_restarts replacements of one worker the
+step raises WorkerFailedError (the trainer then checkpoints and stops). An exception raised by
+the worker's own code (a bug, a bad data path) is not retried: it is raised at once.
+
+Actors are created with default scheduling, so inside a Ray Tune trial they land in the
+trial's placement group (the group's bundles must hold dist.workers x {CPU, GPU} per worker).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from amfs_dist.algorithms.learner import TaskGradients
+from amfs_dist.backend import StepResult, Weigh, weighted_direction
+from amfs_dist.config import Config
+from amfs_dist.distributed.worker import ShardWorker
+from amfs_dist.train import TrainingError
+
+log = logging.getLogger("amfs_dist.distributed")
+
+START_GRACE_S = 300.0  # added to dist.timeout_s for a worker's first answer (its start-up)
+
+
+class WorkerFailedError(TrainingError):
+    """A shard worker failed more often than dist.max_worker_restarts, or its code raised."""
+
+
+def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
+    """Round robin: worker w gets task_ids[w], task_ids[w + W], ..."""
+    return [list(task_ids[w::workers]) for w in range(workers)]
+
+
+def _init_ray():
+    """Connect to the cluster (RAY_ADDRESS, or the one `ray start` left), or start a local one.
+
+    A cluster started here gets RAY_AUTH_MODE=disabled unless the environment says otherwise:
+    Ray >= 2.59 turns token auth on for local clusters by itself, and a later `ray start` /
+    `ray job submit` on the same machine would then disagree (DESIGN 5).
+    """
+    import ray
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=True)
+    return True
+
+
+class RayBackend:
+    def __init__(self, cfg: Config, source_factory: Callable | None = None):
+        import ray
+        from ray import exceptions as rex
+
+        if cfg.dist.workers < 1:
+            raise ValueError("RayBackend needs dist.workers >= 1 (0 runs in-process)")
+        self.cfg = cfg
+        self.num_workers = cfg.dist.workers
+        self.exchange = cfg.dist.exchange
+        self.timeout = cfg.dist.timeout_s
+        self.max_restarts = cfg.dist.max_worker_restarts
+        self._ray, self._rex = ray, rex
+        self._owns_ray = _init_ray()
+        self._actor = ray.remote(ShardWorker).options(
+            num_cpus=cfg.dist.cpus_per_worker, num_gpus=cfg.dist.gpus_per_worker,
+            max_restarts=0, max_task_retries=0)
+        self._cfg_values = cfg.to_flat()
+        self._source_factory = source_factory
+        self.restarts = [0] * self.num_workers
+        self._fresh = [True] * self.num_workers
+        self._round = 0
+        try:
+            self.workers = [self._new_actor(w) for w in range(self.num_workers)]
+            self.info = self._gather({w: (lambda w=w: self.workers[w].info.remote())
+                                      for w in range(self.num_workers)}, what="start", work=False)
+        except BaseException:
+            self.close()
+            raise
+        self.num_params = self.info[0]["num_params"]
+        log.info("RayBackend: %d shard workers on %s, exchange=%s", self.num_workers,
+                 [i["device"] for i in self.info.values()], self.exchange)
+
+    # -- workers ----------------------------------------------------------------------------------
+    def _new_actor(self, w: int):
+        return self._actor.remote(self._cfg_values, w, self._source_factory)
+
+    def worker_pids(self) -> list[int]:
+        """The current workers' process ids (after any replacement)."""
+        info = self._gather({w: (lambda w=w: self.workers[w].info.remote())
+                             for w in range(self.num_workers)}, what="info", work=False)
+        self.info.update(info)
+        return [info[w]["pid"] for w in range(self.num_workers)]
+
+    def _replace(self, w: int, why: str) -> None:
+        self.restarts[w] += 1
+        if self.restarts[w] > self.max_restarts:
+            raise WorkerFailedError(
+                f"shard worker {w} failed {self.restarts[w]} times, more than "
+                f"dist.max_worker_restarts={self.max_restarts}; last failure: {why}. The run "
+                f"stops here; its checkpoint is kept (resume with `amfs train --resume RUN_DIR`)")
+        log.warning("shard worker %d failed (%s); replacing it (restart %d of at most %d) and "
+                    "recomputing its shard", w, why, self.restarts[w], self.max_restarts)
+        try:
+            self._ray.kill(self.workers[w], no_restart=True)
+        except Exception:
+            pass
+        self.workers[w] = self._new_actor(w)
+        self._fresh[w] = True
+
+    def _classify(self, err: BaseException) -> str | None:
+        """A one-line reason if `err` is a recoverable worker loss, None if it must be raised."""
+        rex = self._rex
+        if isinstance(err, rex.RayActorError):
+            if err.actor_init_failed:
+                return None
+            return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        if isinstance(err, (rex.WorkerCrashedError, rex.ObjectLostError, rex.NodeDiedError,
+                            rex.OutOfMemoryError, rex.LocalRayletDiedError)):
+            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return None
+
+    def _deadline(self, w: int) -> float:
+        """A fresh worker also gets START_GRACE_S to start (import torch, load data, init CUDA,
+        warm up)."""
+        return time.monotonic() + self.timeout + (START_GRACE_S if self._fresh[w] else 0.0)
+
+    def _gather(self, calls: dict[int, Callable], what: str, work: bool = True) -> dict[int, object]:
+        """Run calls[w]() on each worker and collect the results; replace lost workers and
+        resubmit their call until it succeeds or the worker's restarts run out. A worker's
+        first answer to real work (work=True) ends its start-up grace: that one includes the
+        first pass's warm-up."""
+        ray = self._ray
+        pending: dict = {call(): (w, self._deadline(w)) for w, call in calls.items()}
+        results: dict[int, object] = {}
+        while pending:
+            soonest = min(deadline for _, deadline in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, soonest - time.monotonic()))
+            if not ready:
+                now = time.monotonic()
+                for ref in [r for r, (_, d) in pending.items() if d <= now]:
+                    w, _ = pending.pop(ref)
+                    self._replace(w, f"no answer to '{what}' within dist.timeout_s="
+                                     f"{self.timeout:g} s")
+                    pending[calls[w]()] = (w, self._deadline(w))
+                continue
+            ref = ready[0]
+            w, _ = pending.pop(ref)
+            try:
+                results[w] = ray.get(ref)
+            except self._rex.RayError as err:
+                why = self._classify(err)
+                if why is None:
+                    raise WorkerFailedError(f"shard worker {w} raised during '{what}': "
+                                            f"{_first_lines(err)}") from err
+                self._replace(w, why)
+                pending[calls[w]()] = (w, self._deadline(w))
+            else:
+                if work:
+                    self._fresh[w] = False
+        return results
+
+    # -- one step ---------------------------------------------------------------------------------
+    def direction(self, flat_params: torch.Tensor, step: int, task_ids: Sequence[int],
+                  weigh: Weigh) -> StepResult:
+        if self.exchange == "sketch":
+            return self._sketch_direction(flat_params, step, task_ids, weigh)
+        return self._exact_direction(flat_params, step, task_ids, weigh)
+
+    def _put_params(self, flat_params: torch.Tensor):
+        array = flat_params.detach().to("cpu", torch.float32).contiguous().numpy()
+        return self._ray.put(array), array.nbytes
+
+    def _active(self, task_ids):
+        shards = shard(task_ids, self.num_workers)
+        return {w: ids for w, ids in enumerate(shards) if ids}
+
+    def _exact_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
+        t0 = time.perf_counter()
+        params_ref, params_bytes = self._put_params(flat_params)
+        active = self._active(task_ids)
+        out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].gradients.remote(
+            params_ref, step, ids)) for w, ids in active.items()}, what=f"gradients step {step}")
+        T, W = len(task_ids), self.num_workers
+        grads = torch.empty(T, self.num_params, dtype=torch.float32)
+        loss, acc = torch.empty(T, dtype=torch.float32), torch.empty(T, dtype=torch.float32)
+        g_np, l_np, a_np = grads.numpy(), loss.numpy(), acc.numpy()
+        moved = params_bytes * len(active)
+        for w, (g, l, a, _) in out.items():
+            g_np[w::W], l_np[w::W], a_np[w::W] = g, l, a
+            moved += g.nbytes + l.nbytes + a.nbytes
+        worker_timings = [t for (_, _, _, t) in out.values()]
+        del out, params_ref
+        timings = self._timings(time.perf_counter() - t0, [worker_timings])
+        timings["exchange_bytes"] = moved
+        return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings)
+
+    def _sketch_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
+        self._round += 1
+        round_id = self._round
+        t0 = time.perf_counter()
+        params_ref, params_bytes = self._put_params(flat_params)
+        active = self._active(task_ids)
+        out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].sketches.remote(
+            params_ref, step, ids, round_id)) for w, ids in active.items()},
+            what=f"sketches step {step}")
+        T, W, d = len(task_ids), self.num_workers, self.cfg.dist.sketch_dim
+        sketches = np.empty((T, d), np.float32)
+        loss, acc = np.empty(T, np.float32), np.empty(T, np.float32)
+        finite = np.empty(T, bool)
+        moved = params_bytes * len(active)
+        for w, (s, l, a, f, _) in out.items():
+            sketches[w::W], loss[w::W], acc[w::W], finite[w::W] = s, l, a, f
+            moved += s.nbytes + l.nbytes + a.nbytes + f.nbytes
+        phase1 = [t for (*_, t) in out.values()]
+        del out
+        gather1 = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        finite &= np.isfinite(sketches).all(1)
+        finite_t = torch.from_numpy(finite)
+        weights = None
+        full = np.zeros(T, np.float64)
+        if finite.any():
+            weights = weigh(torch.from_numpy(sketches[finite]))
+            full[finite] = weights.weights.detach().cpu().double().numpy()
+        weighting = time.perf_counter() - t1
+
+        direction = None
+        phase2: list = []
+        t2 = time.perf_counter()
+        if weights is not None:
+            sums = self._gather({w: (lambda w=w, ids=ids: self.workers[w].weighted_sum.remote(
+                [params_ref], step, ids, round_id, full[w::W])) for w, ids in active.items()},
+                what=f"weighted sums step {step}")
+            direction = torch.zeros(self.num_params, dtype=torch.float32)
+            direction_np = direction.numpy()
+            for w in sorted(sums):  # a fixed order: the same sum whatever finishes first
+                total, t = sums[w]
+                np.add(direction_np, total, out=direction_np)
+                moved += full[w::W].nbytes + total.nbytes
+                phase2.append(t)
+            del sums
+        gather2 = time.perf_counter() - t2
+        del params_ref
+        timings = self._timings(gather1 + gather2, [phase1, phase2])
+        timings["weighting_s"] = weighting
+        timings["exchange_bytes"] = moved
+        return StepResult(direction, torch.from_numpy(loss), torch.from_numpy(acc), finite_t,
+                          weights, timings)
+
+    def _timings(self, gather_s: float, rounds: list[list[dict]]) -> dict[str, float]:
+        """sampling/compute: the slowest worker's (the critical path), summed over rounds;
+        transfer: the rest of the gather wall time (put, scheduling, moving results, reassembly)."""
+        sampling = compute = 0.0
+        for worker_timings in rounds:
+            if not worker_timings:
+                continue
+            slowest = max(worker_timings, key=lambda t: t["sampling_s"] + t["compute_s"])
+            sampling += slowest["sampling_s"]
+            compute += slowest["compute_s"]
+        return {"sampling_s": sampling, "compute_s": compute,
+                "transfer_s": max(0.0, gather_s - sampling - compute),
+                "worker_restarts": sum(self.restarts)}
+
+    def close(self) -> None:
+        for actor in getattr(self, "workers", []):
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.workers = []
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._owns_ray = False
+
+
+def _first_lines(err: BaseException, n: int = 6) -> str:
+    text = str(err).strip().splitlines()
+    # a RayTaskError's text is the worker's traceback: keep its head and the final line
+    if len(text) > n:
+        text = text[:2] + ["..."] + text[-(n - 3):]
+    return " | ".join(line.strip() for line in text if line.strip())

@@ -1,0 +1,146 @@
+"""A shard worker: one Ray actor holding a model replica and the task source on its device.
+
+It runs an InProcessBackend's `task_gradients` (one batched pass over its tasks) and ships
+flat numbers only: the [tasks, P] gradient matrix (exact exchange), or their sketches and
+then one weighted sum [P] (sketch exchange), with per-task loss/acc and its own timings.
+Arrays go out as numpy, which Ray's object store moves without pickling copies; everything
+per task stays on the worker's device until that one device-to-host copy.
+
+The class is plain Python (RayBackend wraps it with ray.remote), so it is testable alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from amfs_dist.backend import InProcessBackend, finite_rows
+from amfs_dist.config import Config, resolve
+from amfs_dist.distributed.sketch import CountSketch
+
+log = logging.getLogger("amfs_dist.distributed")
+
+
+def _assigned_gpus() -> list:
+    try:
+        import ray
+        if ray.is_initialized():
+            return list(ray.get_gpu_ids())
+    except Exception:  # not inside Ray: no GPU was assigned by it
+        pass
+    return []
+
+
+def pick_device(cfg: Config, assigned_gpus: Sequence | None = None) -> torch.device:
+    """cuda if Ray gave this worker a GPU and CUDA works here (and train.device allows it), else cpu.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the worker's GPU(s), so its first GPU is cuda:0; with a
+    fractional dist.gpus_per_worker, workers share that GPU. A worker uses one device.
+    """
+    gpus = _assigned_gpus() if assigned_gpus is None else list(assigned_gpus)
+    if cfg.train.device == "cpu" or not gpus:
+        if cfg.train.device == "cuda" and not gpus:
+            log.warning("train.device=cuda but this shard worker has no GPU "
+                        "(dist.gpus_per_worker=0): computing on the CPU")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("shard worker was given GPU(s) %s but CUDA is not available here: computing "
+                    "on the CPU", gpus)
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
+
+
+def _as_tensor(array) -> torch.Tensor:
+    """A read-only numpy array from the object store as a tensor, without a copy."""
+    array = np.asarray(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": it is never written
+        return torch.from_numpy(array)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").numpy()
+
+
+class ShardWorker:
+    """The actor body. Methods take flat parameters (a numpy array), a step and task ids."""
+
+    def __init__(self, cfg_values: dict, index: int,
+                 source_factory: Callable[[Config], object] | None = None):
+        self.cfg = resolve(cfg_values, {})
+        self.index = index
+        self.device = pick_device(self.cfg)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.dist.cpus_per_worker)))
+        source = source_factory(self.cfg) if source_factory is not None else None
+        self.backend = InProcessBackend(self.cfg, source=source, device=self.device)
+        self.num_params = self.backend.learner.layout.size
+        self._sketch: CountSketch | None = None
+        self._cache: tuple | None = None  # (round, step, task ids) -> grads kept for phase 2
+
+    # -- introspection -------------------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {"index": self.index, "pid": os.getpid(), "device": str(self.device),
+                "gpu_ids": [str(g) for g in _assigned_gpus()], "num_params": self.num_params,
+                "node_id": ctx.get_node_id() if ctx else None}
+
+    # -- exact exchange ------------------------------------------------------------------------
+    def gradients(self, flat_params, step: int, task_ids: list[int]):
+        """(grads [t, P] float32, loss [t], acc [t], timings) for this shard's tasks."""
+        tg, timings = self.backend.task_gradients(_as_tensor(flat_params), step, task_ids)
+        return _to_numpy(tg.grads), _to_numpy(tg.loss), _to_numpy(tg.acc), timings
+
+    # -- sketch exchange -----------------------------------------------------------------------
+    def _sketcher(self) -> CountSketch:
+        if self._sketch is None:
+            self._sketch = CountSketch(self.num_params, self.cfg.dist.sketch_dim, self.cfg.seed,
+                                       self.device)
+        return self._sketch
+
+    def _compute(self, flat_params, step, task_ids, round_id):
+        tg, timings = self.backend.task_gradients(_as_tensor(flat_params), step, task_ids)
+        finite = finite_rows(tg)
+        self._cache = (round_id, step, tuple(task_ids), tg.grads, finite)
+        return tg, finite, timings
+
+    def sketches(self, flat_params, step: int, task_ids: list[int], round_id: int):
+        """Phase 1: (sketches [t, d], loss [t], acc [t], finite [t] bool, timings); the
+        gradients stay here for phase 2."""
+        tg, finite, timings = self._compute(flat_params, step, task_ids, round_id)
+        t0 = time.perf_counter()
+        sk = self._sketcher()(tg.grads)  # chunked: no [t, P] temporary
+        sk[~finite] = 0.0
+        out = _to_numpy(sk), _to_numpy(tg.loss), _to_numpy(tg.acc), _to_numpy(finite)
+        timings["compute_s"] += time.perf_counter() - t0
+        return (*out, timings)
+
+    def weighted_sum(self, params_box: list, step: int, task_ids: list[int], round_id: int,
+                     weights) -> tuple[np.ndarray, dict]:
+        """Phase 2: sum_i w_i g_i over this shard's finite tasks, [P] float32.
+
+        params_box holds the step's ObjectRef, fetched only if this worker lacks the phase-1
+        gradients (it replaced one that died in between): then it recomputes them.
+        """
+        timings = {"sampling_s": 0.0, "compute_s": 0.0}
+        key = (round_id, step, tuple(task_ids))
+        if self._cache is None or self._cache[:3] != key:
+            import ray
+            _, finite, timings = self._compute(ray.get(params_box[0]), step, task_ids, round_id)
+        _, _, _, grads, finite = self._cache
+        t0 = time.perf_counter()
+        w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=grads.device)
+        if bool(finite.all()):
+            total = w @ grads
+        else:  # 0 * NaN is NaN: leave the bad rows out (a copy, only in this rare case)
+            total = w[finite] @ grads[finite]
+        total = _to_numpy(total)
+        self._cache = None
+        timings["compute_s"] += time.perf_counter() - t0
+        return total, timings

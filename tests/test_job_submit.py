@@ -1,0 +1,174 @@
+"""`ray job submit` against a real `ray start --head` cluster (cluster/README.md).
+
+The cluster is this test's own: its own temp dir (so no other `ray.init()` on the machine finds
+it), free ports on 127.0.0.1 and RAY_AUTH_MODE=disabled in its environment and the client's.
+It runs as `ray start --block` in a new session; teardown stops that process, then ends the
+processes of that session that are left, by pid (`ray stop` would stop every Ray cluster on
+the machine, the test session's own included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session
+                pids.append(int(entry.name))
+    return pids
+
+
+def stop_cluster(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its processes
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    for _ in range(2):
+        pids = [p for p in session_pids(proc.pid) if p != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.wait(10)
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    ray_bin = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                      os.environ.get("PATH", "")]))
+    if ray_bin is None:
+        pytest.skip("the `ray` command is not installed")
+    temp_dir = tempfile.mkdtemp(prefix="amfs-ray-", dir="/tmp")  # short: Ray's socket paths
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "head.log").open("w")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+         "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
+         f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "ray start failed: " + (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the Ray dashboard did not come up in 60 s: "
+                                         + (tmp_path / "head.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield ray_bin, address, env
+    finally:
+        stop_cluster(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
+    ray_bin, address, env = head_node
+    run = tmp_path / "run"  # on a multi-node cluster: shared storage (cluster/README.md)
+    amfs = shutil.which("amfs", path=env["PATH"])
+    entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]
+    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           *entry, "train", "--no-progress", "--out", str(run), *TINY, "train.steps=3",
+           "dist.workers=2", "dist.cpus_per_worker=0.5"]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    # the job's own output streamed back: the JSON line `amfs train` prints at the end
+    streamed = [json.loads(line[line.index("{"):]) for line in out.splitlines()
+                if '"test_accuracy"' in line and "{" in line]
+    assert streamed and streamed[-1]["meta_steps"] == 3
+    result = json.loads((run / "result.json").read_text())
+    assert result["meta_steps"] == 3 and 0.0 <= result["test_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["exchange_bytes"] > 0 for r in rows)  # ran on workers
+    assert time.monotonic() - t0 < 240
+
+
+# -- cluster/ manifests and scripts -------------------------------------------------------------
+def test_kuberay_manifests_parse_and_share_the_runs_volume():
+    import yaml
+
+    docs = {}
+    for path in sorted((REPO / "cluster" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    assert {"PersistentVolumeClaim", "RayCluster", "RayJob"} <= set(docs)
+    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "ReadWriteMany" in docs["PersistentVolumeClaim"]["spec"]["accessModes"]
+    job = docs["RayJob"]["spec"]
+    assert "amfs train" in job["entrypoint"] and "--out /runs/" in job["entrypoint"]
+    for spec in (docs["RayCluster"]["spec"], job["rayClusterSpec"]):
+        groups = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+        for group in groups:
+            pod = group["template"]["spec"]
+            assert claim in [v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]]
+            for c in pod["containers"]:
+                assert {"name": "RAY_AUTH_MODE", "value": "disabled"} in c["env"]
+                assert any(m["mountPath"] == "/runs" for m in c["volumeMounts"])
+        assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+                   for g in spec["workerGroupSpecs"])
+    submitter = job["submitterPodTemplate"]["spec"]["containers"][0]
+    assert {"name": "RAY_AUTH_MODE", "value": "disabled"} in submitter["env"]
+
+
+def test_slurm_script_is_valid_bash():
+    script = REPO / "cluster" / "slurm" / "amfs-ray.sbatch"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    assert "RAY_AUTH_MODE" in text and "ray start --head" in text and 'amfs "$@"' in text
