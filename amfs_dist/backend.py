@@ -52,7 +52,7 @@ def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float
     finite = finite_rows(tg)
     weights = direction = None
     if bool(finite.any()):
-        good = tg.grads[finite]
+        good = tg.grads if bool(finite.all()) else tg.grads[finite]  # no copy when all are good
         weights = weigh(good)
         direction = combine(good, weights.weights.to(good.device))
     timings["weighting_s"] = timings.get("weighting_s", 0.0) + time.perf_counter() - t0

@@ -58,12 +58,12 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     cfg = load_config(run / "config.yaml", overrides)
     saved = torch.load(model_path, map_location="cpu", weights_only=True)
     input_shape = tuple(saved["input_shape"])
-    learner = MetaLearner(cfg, input_shape, _device(cfg))
+    learner = MetaLearner(cfg, input_shape, resolve_device(cfg))
     learner.module.load_state_dict(saved["model"])
     return cfg, learner, input_shape
 
 
-def _device(cfg) -> str:
+def resolve_device(cfg) -> str:
     if cfg.train.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.train.device

@@ -21,7 +21,7 @@ from amfs_dist.backend import GradientBackend, InProcessBackend, StepResult
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.errors import UserError
-from amfs_dist.evaluate import _device, evaluate_episodes
+from amfs_dist.evaluate import evaluate_episodes, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
@@ -55,7 +55,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         torch.manual_seed(cfg.seed)
         self.source = make_task_source(cfg)
-        self.learner = MetaLearner(cfg, self.source.input_shape, _device(cfg))
+        self.learner = MetaLearner(cfg, self.source.input_shape, resolve_device(cfg))
         self.optimizer = torch.optim.Adam(self.learner.params().values(), lr=cfg.train.lr)
         self.step = 0
         self.bad_streak = 0

@@ -98,7 +98,7 @@ def test_kernel_first_order_sends_no_gradient_through_alpha(tiny):
     K = kernel.rbf_kernel(zs, zs, p["head.log_bandwidth"])
     with torch.no_grad():  # alpha as a constant, computed apart
         alpha = kernel.solve_coefficients(K, (ys[:, None] == torch.arange(3)).double(), lam, cfg.kernel.mu)
-    logits = p["head.scale"] * kernel.rbf_kernel(zq, zs, p["head.log_bandwidth"]) @ alpha + p["head.bias"]
+    logits = p["head.scale"] * kernel.rbf_kernel(zq, zs, p["head.log_bandwidth"]) @ alpha
     loss = F.cross_entropy(logits, yq) + cfg.kernel.gamma * kernel.information_term(K, lam) / len(xs)
     ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
     fo = learner.meta_gradients(learner.load_flat(learner.flat_params()), ep).grads[0]

@@ -49,7 +49,8 @@ class ParamLayout:
 
 
 class KernelHead(nn.Module):
-    """The kernel inner loop's own meta-parameters: log bandwidth, log lambda, logit scale/bias."""
+    """The kernel inner loop's own meta-parameters: log bandwidth, log lambda, output scale (and
+    bias, for regression)."""
 
     def __init__(self, cfg: Config, regression: bool):
         super().__init__()
@@ -66,7 +67,10 @@ class KernelHead(nn.Module):
             self.register_buffer("log_lam", log_lam)
         # logits from a kernel fit to one-hot targets lie in ~[0, 1]; softmax needs a wider range
         self.scale = nn.Parameter(torch.tensor(1.0 if regression else 10.0))
-        self.bias = nn.Parameter(torch.tensor(0.0))
+        # a bias shared by all classes does nothing under softmax (its gradient is exactly 0,
+        # and Adam would turn float noise in it into full-size steps): regression only
+        if regression:
+            self.bias = nn.Parameter(torch.tensor(0.0))
 
 
 class MetaLearner:
@@ -141,7 +145,9 @@ class MetaLearner:
             alpha = kernel.solve_coefficients(K, self._targets(ys, z.dtype), lam, k.mu)
             if first_order:
                 alpha = alpha.detach()
-            out = p["head.scale"] * (kernel.rbf_kernel(zq, zs, log_bw) @ alpha) + p["head.bias"]
+            out = p["head.scale"] * (kernel.rbf_kernel(zq, zs, log_bw) @ alpha)
+            if self.regression:
+                out = out + p["head.bias"]
             penalty = k.gamma * kernel.information_term(K, lam) / n_s if k.gamma > 0 else 0.0
         return out, penalty
 
@@ -180,7 +186,7 @@ class MetaLearner:
             loss, acc = self.task_loss(p, xs, ys, xq, yq, training=True)
             return loss, (loss.detach(), acc)
 
-        with self._autocast():
+        with self.autocast_context():
             grads, (loss, acc) = vmap(grad(per_task, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
                 params, ep.xs, ep.ys, ep.xq, ep.yq)
         return TaskGradients(self.layout.flatten(grads, batch_dims=1), loss, acc)
@@ -191,11 +197,12 @@ class MetaLearner:
         params = {k: v.detach() for k, v in params.items()}
         fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False))
         grad_mode = torch.enable_grad() if self.inner != "kernel" else torch.no_grad()
-        with grad_mode, self._autocast():
+        with grad_mode, self.autocast_context():
             loss, acc = fn(ep.xs, ep.ys, ep.xq, ep.yq)
         return loss.detach(), acc.detach()
 
-    def _autocast(self):
+    def autocast_context(self):
+        """bf16 autocast for the encoder when train.precision=bf16, else nothing."""
         if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)

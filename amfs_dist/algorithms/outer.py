@@ -26,12 +26,14 @@ class TaskWeights:
 
 def agreement(vectors: torch.Tensor) -> torch.Tensor:
     """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j); a single task agrees fully with itself (1)."""
-    v = vectors.double()
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    cos = unit @ unit.T
-    t = v.shape[0]
+    t = vectors.shape[0]
     if t == 1:
-        return torch.ones(1, dtype=torch.float64, device=v.device)
+        return torch.ones(1, dtype=torch.float64, device=vectors.device)
+    # the T x T Gram matrix in the vectors' own precision (no float64 copy of T x P), then
+    # the normalisation in float64
+    gram = (vectors @ vectors.T).double()
+    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
+    cos = (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)  # float32 rounding
     return (cos.sum(1) - cos.diagonal()) / (t - 1)
 
 

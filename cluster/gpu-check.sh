@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU check of issue 4, item 8, as one script for a machine with a GPU, torch and no Ray
+# (the device machine): run from the repository root. Prints JSON lines: a plain forward +
+# backward of the step's T*80 images, then amfs and maml meta-training tasks/s on
+# mini-ImageNet-sized inputs (84x84x3, Conv-4 width 32, 5-way 1-shot, 15 queries, T=32),
+# in fp32 and in bf16 autocast.
+set -euo pipefail
+export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+common=(data.image_size=84 data.channels=3 model.width=32 data.ways=5 data.shots=1 data.queries=15
+        train.meta_batch=32 train.device=cuda)
+for precision in fp32 bf16; do
+  python3 -m amfs_dist bench train --methods amfs,maml --steps 5 "${common[@]}" train.precision=$precision
+done
+# a short end-to-end run on the GPU: training, validation and the test evaluation
+python3 -m amfs_dist train --no-progress --out "${OUT:-/tmp}/gpu-run" train.device=cuda train.steps=50 eval.episodes=200
