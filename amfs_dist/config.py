@@ -239,21 +239,23 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- YAML file <- key=value overrides, validated."""
-    base: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys, got "
-                              f"{type(tree).__name__}")
-        base = flatten(tree)
+    base = flatten(read_yaml_mapping(path)) if path is not None else {}
     if isinstance(overrides, dict):
         extra = dict(overrides)
     else:

@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from amfs_dist.config import SCHEMA, Config, ConfigError, flatten, parse_override, resolve
+from amfs_dist.config import (SCHEMA, Config, ConfigError, flatten, parse_override, read_yaml_mapping,
+                              resolve)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")
@@ -332,17 +333,8 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] | None = Non
         import copy
         tree, where = copy.deepcopy(DEFAULT_SWEEP), "<default sweep>"
     else:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise ConfigError(f"sweep file {p}: not found")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            msg = " ".join(str(e).split())
-            raise ConfigError(f"sweep file {p}: not valid YAML ({msg})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"sweep file {p}: expected a mapping with base, search and sweep")
+        where = str(path)
+        tree = read_yaml_mapping(path, "sweep file")
     unknown = [k for k in tree if k not in ("base", "search", "sweep")]
     if unknown:
         hint = " (config keys go under base:)" if str(unknown[0]).split(".")[0] in {
