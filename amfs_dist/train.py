@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -159,8 +160,11 @@ class Trainer:
                                          if row.get(v) is not None})
                     if on_step:
                         on_step(self, row)
-        except BaseException:
+        except BaseException as e:
             self.save_checkpoint()  # nothing done so far is lost: resume from here
+            if isinstance(e, KeyboardInterrupt):
+                print(f"\nstopped at step {self.step}; checkpoint saved: resume with "
+                      f"`amfs train --resume {self.run_dir}`", file=sys.stderr)
             raise
         finally:
             bar.close()
