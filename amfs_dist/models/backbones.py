@@ -21,12 +21,16 @@ class SupportBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, n_stats: int | None) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # statistics in half precision are too coarse
+            x = x.float()
         ref = x if n_stats is None else x[:n_stats]
         dims = [0] + list(range(2, x.dim()))
         mean = ref.mean(dims, keepdim=True)
         var = ref.var(dims, unbiased=False, keepdim=True)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        out = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(dtype)
 
 
 class ConvBlock(nn.Module):
