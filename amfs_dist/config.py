@@ -80,6 +80,8 @@ SCHEMA: dict[str, Key] = {
     "train.max_bad_steps": Key((int,), 10, _at_least_one, ">= 1"),
     "train.device": Key((str,), "auto", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     "train.precision": Key((str,), "fp32", _one_of("fp32", "bf16"), "fp32 or bf16"),
+    # tasks per vmapped chunk: bounds the memory of the per-task pass (0: all tasks at once)
+    "train.task_chunk": Key((int,), 0, _non_negative, ">= 0 (0: all tasks in one pass)"),
     "dist.workers": Key((int,), 0, _non_negative, ">= 0 (0: in-process)"),
     "dist.gpus_per_worker": Key((float,), 0.0, _non_negative, ">= 0"),
     "dist.cpus_per_worker": Key((float,), 1.0, _positive, "> 0"),

@@ -141,3 +141,17 @@ def test_bf16_autocast_keeps_the_meta_gradient_direction(tiny, method, per_task_
     if per_task_cos is not None:
         assert torch.all(F.cosine_similarity(g_half, g_full) > per_task_cos)
     assert F.cosine_similarity(g_half.mean(0), g_full.mean(0), dim=0) > 0.8
+
+
+@pytest.mark.parametrize("method", ["amfs", "maml"])
+def test_task_chunks_give_the_same_gradients(tiny, method):
+    """train.task_chunk bounds memory by vmapping a few tasks at a time; results are the same."""
+    learner, source = _learner(tiny, f"method={method}")
+    chunked, _ = _learner(tiny, f"method={method}", "train.task_chunk=2")
+    chunked.module.load_state_dict(learner.module.state_dict())
+    ep = _sample(source, "train", 0, list(range(5)))
+    whole = learner.meta_gradients(learner.load_flat(learner.flat_params()), ep)
+    parts = chunked.meta_gradients(chunked.load_flat(chunked.flat_params()), ep)
+    torch.testing.assert_close(parts.grads, whole.grads, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(chunked.evaluate(chunked.params(), ep)[1],
+                               learner.evaluate(learner.params(), ep)[1])

@@ -96,6 +96,7 @@ class MetaLearner:
         self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
         self.layout = ParamLayout(self.params())
         self.autocast = (cfg.train.precision == "bf16")
+        self.task_chunk = cfg.train.task_chunk or None
 
     # -- parameters ---------------------------------------------------------------------------
     @property
@@ -187,15 +188,16 @@ class MetaLearner:
             return loss, (loss.detach(), acc)
 
         with self.autocast_context():
-            grads, (loss, acc) = vmap(grad(per_task, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
-                params, ep.xs, ep.ys, ep.xq, ep.yq)
+            grads, (loss, acc) = vmap(grad(per_task, has_aux=True), in_dims=(None, 0, 0, 0, 0),
+                                      chunk_size=self.task_chunk)(params, ep.xs, ep.ys, ep.xq, ep.yq)
         return TaskGradients(self.layout.flatten(grads, batch_dims=1), loss, acc)
 
     def evaluate(self, params: Params, ep: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time adaptation and query loss/accuracy per task, no meta-gradient."""
         ep = ep.to(self.device)
         params = {k: v.detach() for k, v in params.items()}
-        fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False))
+        fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False),
+                  chunk_size=self.task_chunk)
         grad_mode = torch.enable_grad() if self.inner != "kernel" else torch.no_grad()
         with grad_mode, self.autocast_context():
             loss, acc = fn(ep.xs, ep.ys, ep.xq, ep.yq)
