@@ -46,13 +46,18 @@ def finite_rows(tg: TaskGradients) -> torch.Tensor:
     return torch.isfinite(tg.grads).all(1) & torch.isfinite(tg.loss)
 
 
+def finite_part(rows: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """The rows of the finite tasks; no copy when every task is finite."""
+    return rows if bool(finite.all()) else rows[finite]
+
+
 def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float]) -> StepResult:
     """The exact exchange: weights from the full gradients of the finite tasks, then G."""
     t0 = time.perf_counter()
     finite = finite_rows(tg)
     weights = direction = None
     if bool(finite.any()):
-        good = tg.grads if bool(finite.all()) else tg.grads[finite]  # no copy when all are good
+        good = finite_part(tg.grads, finite)
         weights = weigh(good)
         direction = combine(good, weights.weights.to(good.device))
     timings["weighting_s"] = timings.get("weighting_s", 0.0) + time.perf_counter() - t0

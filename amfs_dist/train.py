@@ -215,6 +215,12 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         trainer.fit(progress=progress, on_step=on_step, on_validation=on_validation)
     finally:
         trainer.close()
+    return finish_run(trainer, started, progress, resumed=resume is not None)
+
+
+def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra) -> dict:
+    """Save model.pt, evaluate on the test split, write result.json; returns the result."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
     _atomic_save({"model": trainer.learner.module.state_dict(),
                   "input_shape": list(trainer.source.input_shape)}, run_dir / "model.pt")
     test = evaluate_episodes(trainer.learner, trainer.source, "test", cfg.eval.episodes,
@@ -224,8 +230,7 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
               "test_accuracy": test["accuracy"], "test_ci95": test["ci95"],
               "test_episodes": test["episodes"], "test_loss": test["loss"],
               "adapt_ms_per_task": test["adapt_ms_per_task"], "meta_steps": trainer.step,
-              "wall_s": round(time.perf_counter() - started, 3),
-              "resumed": resume is not None}
+              "wall_s": round(time.perf_counter() - started, 3), **extra}
     if "mse" in test:
         result["test_mse"] = test["mse"]
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from amfs_dist.backend import InProcessBackend, finite_rows
+from amfs_dist.algorithms.outer import combine
+from amfs_dist.backend import InProcessBackend, finite_part, finite_rows
 from amfs_dist.config import Config, resolve
 from amfs_dist.distributed.sketch import CountSketch
 
@@ -136,11 +137,8 @@ class ShardWorker:
         _, _, _, grads, finite = self._cache
         t0 = time.perf_counter()
         w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=grads.device)
-        if bool(finite.all()):
-            total = w @ grads
-        else:  # 0 * NaN is NaN: leave the bad rows out (a copy, only in this rare case)
-            total = w[finite] @ grads[finite]
-        total = _to_numpy(total)
+        # 0 * NaN is NaN: the bad rows are left out, not weighted by 0
+        total = _to_numpy(combine(finite_part(grads, finite), finite_part(w, finite)))
         self._cache = None
         timings["compute_s"] += time.perf_counter() - t0
         return total, timings

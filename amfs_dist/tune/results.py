@@ -207,31 +207,15 @@ def plot(records: list[TrialRecord], spec: SweepSpec, best: TrialRecord | None, 
 def evaluate_run_dir(run_dir: str, episodes: int | None) -> dict:
     """Test-split evaluation of a trial checkpoint copied into run_dir; writes model.pt and
     result.json there (the files `amfs eval` reads) and returns the result."""
-    import torch
-
     from amfs_dist.config import load_config
-    from amfs_dist.evaluate import evaluate_episodes
-    from amfs_dist.train import Trainer
+    from amfs_dist.train import Trainer, finish_run
 
     t0 = time.perf_counter()
     run = Path(run_dir)
     cfg = load_config(run / "config.yaml", [f"eval.episodes={episodes}"] if episodes else None)
     trainer = Trainer(cfg, run)
     trainer.load_checkpoint()
-    torch.save({"model": trainer.learner.module.state_dict(),
-                "input_shape": list(trainer.source.input_shape)}, run / "model.pt")
-    test = evaluate_episodes(trainer.learner, trainer.source, "test", cfg.eval.episodes,
-                             cfg.eval.queries, cfg.eval.batch)
-    result = {"method": cfg.method_name, "inner": cfg.inner_loop, "outer": cfg.outer_weighting,
-              "data_source": cfg.data.source, "ways": cfg.data.ways, "shots": cfg.data.shots,
-              "test_accuracy": test["accuracy"], "test_ci95": test["ci95"],
-              "test_episodes": test["episodes"], "test_loss": test["loss"],
-              "adapt_ms_per_task": test["adapt_ms_per_task"], "meta_steps": trainer.step,
-              "wall_s": round(time.perf_counter() - t0, 3)}
-    if "mse" in test:
-        result["test_mse"] = test["mse"]
-    (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return finish_run(trainer, t0)
 
 
 def evaluate_best(best: TrialRecord, spec: SweepSpec, out: Path) -> dict:
