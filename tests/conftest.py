@@ -25,6 +25,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a new private cluster, never one that another `ray start` left
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
