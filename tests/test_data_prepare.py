@@ -240,16 +240,25 @@ def test_existing_out_is_refused_before_converting(tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     src = lake_tree(tmp_path / "src")
-    assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["data.arrow", "manifest.json"]
+    # --force replaces a store, never a folder of the user's (issue 8, item 1)
+    assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 2
+    assert "is not an amfs data store (it holds 'keep.txt')" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    store = tmp_path / "store"
+    assert prepare("omniglot", "--src", src, "--out", store, "--split", "lake") == 0
+    first = read_manifest(store)["content_sha256"]
+    assert prepare("omniglot", "--src", src, "--out", store, "--split", "lake", "--force",
+                   "--image-size", "14") == 0
+    assert sorted(p.name for p in store.iterdir()) == ["data.arrow", "manifest.json"]
+    assert read_manifest(store)["content_sha256"] != first
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path, capsys):
-    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path, "--rotations",
+    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path / "src", "--rotations",
                  message="--rotations does not apply to cub", names="cub")
-    assert_fails(capsys, tmp_path / "out", "cifar-fs", "--src", tmp_path, "--bbox-crop",
+    assert_fails(capsys, tmp_path / "out", "cifar-fs", "--src", tmp_path / "src", "--bbox-crop",
                  message="--bbox-crop does not apply to cifar-fs", names="cifar-fs")
-    assert_fails(capsys, tmp_path / "out", "omniglot", "--src", tmp_path, "--image-size", "0",
+    assert_fails(capsys, tmp_path / "out", "omniglot", "--src", tmp_path / "src", "--image-size", "0",
                  message="--image-size must be >= 1", names="0")
 
 
@@ -397,8 +406,9 @@ def test_cub_errors(tmp_path, capsys):
     broken.unlink()
     assert_fails(capsys, tmp_path / "out", "cub", "--src", src,
                  message="image listed in images.txt not found", names=str(broken))
-    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path,
-                 message="folder not found", names=str(tmp_path / "images"))
+    (tmp_path / "empty").mkdir()
+    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path / "empty",
+                 message="folder not found", names=str(tmp_path / "empty" / "images"))
 
 
 # --- CIFAR-100: FC100 and CIFAR-FS --------------------------------------------------------
