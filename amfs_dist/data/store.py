@@ -61,7 +61,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
+    except (PermissionError, OverflowError):  # someone else's process; no pid: can't tell
         return True
     return True
 
@@ -71,16 +71,20 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     loss) left behind. Only ours: the name is ours, the owner ran on this machine and is gone,
     and the folder holds nothing but what we write; a running prepare's folder is kept."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_.]+)"
-                         rf"-(?P<pid>\d+)-[a-z0-9_]+")
+                         rf"-(?P<pid>\d{{1,10}})-[a-z0-9_]+")
     ours = {"tmp": {DATA_FILE, MANIFEST_FILE}, "old": {"store"}}
     removed = []
     for entry in out.parent.iterdir() if out.parent.is_dir() else ():
         m = pattern.fullmatch(entry.name)
-        if (m and m["host"] == _host() and not entry.is_symlink() and entry.is_dir()
-                and not _process_alive(int(m["pid"]))
-                and {p.name for p in entry.iterdir()} <= ours[m["kind"]]):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        if not m or m["host"] != _host() or entry.is_symlink() or not entry.is_dir() \
+                or _process_alive(int(m["pid"])):
+            continue
+        try:
+            if {p.name for p in entry.iterdir()} <= ours[m["kind"]]:
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except OSError:
+            pass  # not ours to read or remove after all: leave it
     return removed
 
 
@@ -92,7 +96,10 @@ def check_replaceable(out: Path) -> None:
     refuse = "--force replaces only a store made by `amfs data prepare`; nothing was deleted"
     if out.is_symlink() or not out.is_dir():
         raise StoreError(f"--out {out} is not a folder; {refuse}")
-    names = sorted(p.name for p in out.iterdir())
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise StoreError(f"--out {out}: cannot list it ({e.strerror}); {refuse}") from None
     if not names:
         return  # an empty folder holds nothing to lose
     other = [n for n in names if n not in (DATA_FILE, MANIFEST_FILE)]
@@ -110,6 +117,12 @@ def check_replaceable(out: Path) -> None:
 
 
 def _umask() -> int:
+    try:  # Linux tells it without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
