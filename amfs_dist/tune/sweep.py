@@ -220,19 +220,25 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
     out = Path(out).resolve()
     if (out / EXPERIMENT).exists() or (out / SWEEP_FILE).exists():
         raise UserError(f"--out {out}: holds a sweep already; continue it with "
-                        f"`amfs tune --resume {out}` or choose another --out")
+                        f"`amfs tune --resume {out} --allow-pickle` or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     spec.save(out / SWEEP_FILE)
     return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
 
 
-def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False) -> dict:
+def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
+                 allow_pickle: bool = False) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
-    errored ones too (or from scratch with restart_errored)."""
+    errored ones too (or from scratch with restart_errored). Tune's saved state is a pickle:
+    it is loaded only with allow_pickle (--allow-pickle)."""
     out = Path(out).resolve()
     if not (out / SWEEP_FILE).is_file():
         raise UserError(f"--resume {out}: not a sweep directory (no {SWEEP_FILE})")
     spec = load_sweep(out / SWEEP_FILE)
+    if not allow_pickle:
+        raise UserError(f"--resume {out}: continuing a sweep loads Ray Tune's saved state "
+                        f"({out / EXPERIMENT}/*.pkl), a pickle that can run code when loaded; "
+                        f"pass --allow-pickle if you trust {out}")
     exp = out / EXPERIMENT
 
     def factory():
@@ -265,7 +271,7 @@ def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
             import traceback
             (out / "error.txt").write_text(traceback.format_exc())
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            hint = (f"continue with `amfs tune --resume {out}`"
+            hint = (f"continue with `amfs tune --resume {out} --allow-pickle`"
                     if (out / EXPERIMENT).is_dir() else "nothing to resume")
             raise SweepFailed(f"the sweep failed: {type(e).__name__}: "
                               f"{lines[0][:300] if lines else ''} (traceback in "
@@ -277,7 +283,8 @@ def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
         if unfinished:
             raise SweepInterrupted(
                 f"sweep interrupted with {unfinished} of {spec.settings.num_samples} trials "
-                f"unfinished; its state is saved: continue with `amfs tune --resume {out}`")
+                f"unfinished; its state is saved: continue with "
+                f"`amfs tune --resume {out} --allow-pickle`")
         trials = collect(grid, spec)
         summary = write_results(trials, spec, out, wall_s=time.perf_counter() - t0)
     finally:
