@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from amfs_dist.errors import UserError
 
@@ -25,8 +25,12 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
     import ray
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):  # asked for: its auth mode is that cluster's business
-        ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # asked for: its auth mode is that cluster's business
+        # a private instance on 127.0.0.1 (this module's, or a loopback `ray start`) is joined
+        # as one: otherwise Ray turns 127.0.0.1 into the machine's outward address
+        with _loopback_node() if _is_loopback(_host(address)) else nullcontext():
+            ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
     return True
@@ -42,8 +46,8 @@ def start_private_ray(**init_kwargs) -> None:
     with _loopback_node():
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
                  **init_kwargs)
-    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
-    if not ipaddress.ip_address(host).is_loopback:  # a Ray release that binds otherwise
+    host = _host(ray.get_runtime_context().gcs_address)
+    if not _is_loopback(host):  # a Ray release that binds otherwise
         ray.shutdown()
         raise RuntimeError(f"the private Ray instance came up on {host}, not on 127.0.0.1; "
                            f"refusing to run an instance other machines can reach (set "
@@ -63,6 +67,18 @@ def _loopback_node():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _host(address: str) -> str:
+    """'127.0.0.1:6379' -> '127.0.0.1', '[::1]:6379' -> '::1', 'auto' -> 'auto'."""
+    return address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or 'auto'
+        return False
 
 
 def check_resources(bundles: list[dict[str, float]], what: str) -> None:
