@@ -97,6 +97,10 @@ def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, mo
                       weights_only=True)
     assert ckpt["step"] == 3
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(["status", uri]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["run"] == uri and status["step"] == 3 and status["finished"] is False
+    assert 0 <= status["checkpoint_age_s"] < 300
 
     assert main(["train", "--resume", uri, "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
