@@ -77,8 +77,11 @@ class RemoteRun:
                                                  source_filesystem=self.fs))
 
     def push(self, names=RUN_FILES) -> None:
+        """Upload those of `names` the local copy has; names=None: all of it, folders too."""
         try:
-            for name in names:
+            if names is None:
+                pafs.copy_files(str(self.local), self.path, destination_filesystem=self.fs)
+            for name in names or ():
                 if (self.local / name).is_file():
                     pafs.copy_files(str(self.local / name), f"{self.path}/{name}",
                                     destination_filesystem=self.fs)

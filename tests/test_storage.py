@@ -167,3 +167,40 @@ def test_an_unknown_scheme_is_one_line_and_exit_2(uri, tiny, tmp_path, capsys, m
     assert main(["train", "--out", str(tmp_path / "r"), *tiny, f"data.source={uri}"]) == 2
     assert "unsupported storage scheme" in capsys.readouterr().err
     assert os.listdir(tmp_path) in ([], ["cache"]) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
+    """`amfs tune --out s3://...`: Tune's experiment and the results go to the bucket. A
+    subprocess with its own local Ray, so that its trials inherit the S3 environment."""
+    import yaml
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"data.image_size": 16, "data.ways": 3, "data.queries": 2, "model.width": 8,
+                 "train.meta_batch": 2, "train.steps": 2, "train.val_every": 2,
+                 "train.val_episodes": 2, "eval.queries": 2, "eval.batch": 3,
+                 "train.device": "cpu"},
+        "search": {"kernel.lam": {"loguniform": [0.01, 1.0]}},
+        "sweep": {"name": "s3", "num_samples": 2, "max_concurrent_trials": 1, "seed": 0,
+                  "scheduler": "fifo", "test_episodes": 3}}))
+    uri = f"s3://{BUCKET}/sweeps/a"
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--config", str(sweep),
+                           "--out", uri, "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")
+    files = _files(s3, "sweeps/a")
+    assert {"sweep.yaml", "result.json", "trials.csv", "best.yaml"} <= set(files)
+    assert {"model.pt", "result.json", "checkpoint.pt"} <= set(_files(s3, "sweeps/a/best-run"))
+    trials = [i for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/a/tune"))
+              if i.base_name.startswith("trial_")]
+    assert len(trials) == 2
+    result = json.loads(_read(s3, "sweeps/a/result.json"))
+    assert result["trials"] == 2 and result["test"]["meta_steps"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["sweep.yaml"]  # nothing local, no "s3:" folder
+
+    assert main(["tune", "--config", str(sweep), "--out", uri, "--quiet"]) == 2
+    assert f"--out {uri}: holds a sweep already" in capsys.readouterr().err
+    assert main(["eval", f"{uri}/best-run", "--episodes", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_episodes"] == 3
