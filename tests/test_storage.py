@@ -199,6 +199,12 @@ def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
     result = json.loads(_read(s3, "sweeps/a/result.json"))
     assert result["trials"] == 2 and result["test"]["meta_steps"] == 2
     assert sorted(os.listdir(tmp_path)) == ["sweep.yaml"]  # nothing local, no "s3:" folder
+    # --resume reads sweep.yaml and Tune's state from the bucket (a finished sweep: no new trial)
+    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--resume", uri, "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")
+    assert json.loads(_read(s3, "sweeps/a/result.json"))["best_trial"] == result["best_trial"]
 
     assert main(["tune", "--config", str(sweep), "--out", uri, "--quiet"]) == 2
     assert f"--out {uri}: holds a sweep already" in capsys.readouterr().err
