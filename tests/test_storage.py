@@ -210,3 +210,9 @@ def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
     assert f"--out {uri}: holds a sweep already" in capsys.readouterr().err
     assert main(["eval", f"{uri}/best-run", "--episodes", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["test_episodes"] == 3
+
+
+def test_gs_uris_map_to_pyarrow_gcs():  # s3:// has the moto tests; GCS has no local server
+    from amfs_dist.storage import filesystem
+    fs, path = filesystem("gs://bucket/runs/a/")  # no I/O yet
+    assert fs.type_name == "gcs" and path == "bucket/runs/a"
