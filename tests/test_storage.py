@@ -76,6 +76,7 @@ def _read(fs, path: str) -> bytes:
         return f.read()
 
 
+@pytest.mark.slow
 def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, monkeypatch):
     from amfs_dist.train import Trainer
     monkeypatch.chdir(tmp_path)  # a local folder named "s3:" would appear here
