@@ -23,8 +23,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pyarrow.fs import FileType
+
 from amfs_dist.config import resolve, save_config
 from amfs_dist.errors import UserError
+from amfs_dist.storage import is_uri, staged_run
 from amfs_dist.tune.space import SweepSpec, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -133,7 +136,7 @@ def _points(spec: SweepSpec) -> list[dict]:
     return [flatten(p) for p in spec.settings.points_to_evaluate]
 
 
-def make_tuner(spec: SweepSpec, out: Path, progress: bool):
+def make_tuner(spec: SweepSpec, out: Path | str, progress: bool):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -159,7 +162,7 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _run_config(spec: SweepSpec, out: Path, progress: bool):
+def _run_config(spec: SweepSpec, out: Path | str, progress: bool):
     from ray import tune
     s = spec.settings
     return tune.RunConfig(
@@ -225,7 +228,22 @@ def _tune_env() -> None:
 
 # -- entry points ---------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
-    """Run a new sweep into `out`; returns the summary dict (see results.write_results)."""
+    """Run a new sweep into `out`; returns the summary dict (see results.write_results).
+    An s3:// or gs:// `out` holds Tune's experiment directly (storage_path); the results are
+    written into a local copy and uploaded at the end."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            if remote.info(SWEEP_FILE).type != FileType.NotFound or \
+                    remote.info(EXPERIMENT).type != FileType.NotFound:
+                raise UserError(f"--out {remote.uri}: holds a sweep already; continue it with "
+                                f"`amfs tune --resume {remote.uri}` or choose another --out")
+            spec.save(remote.local / SWEEP_FILE)
+            remote.push([SWEEP_FILE])
+            try:
+                return _fit(spec, remote.local, progress,
+                            lambda: make_tuner(spec, remote.uri, progress))
+            finally:
+                remote.push(None)
     out = Path(out).resolve()
     if (out / EXPERIMENT).exists() or (out / SWEEP_FILE).exists():
         raise UserError(f"--out {out}: holds a sweep already; continue it with "
@@ -237,10 +255,17 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
 
 
 def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
-                 allow_pickle: bool = False) -> dict:
+                 allow_pickle: bool = False, storage: str | None = None) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
     errored ones too (or from scratch with restart_errored). Tune's saved state is a pickle:
     it is loaded only with allow_pickle (--allow-pickle)."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            try:
+                return resume_sweep(remote.local, progress, restart_errored, allow_pickle,
+                                    remote.uri)
+            finally:
+                remote.push(None)
     out = Path(out).resolve()
     if not (out / SWEEP_FILE).is_file():
         raise UserError(f"--resume {out}: not a sweep directory (no {SWEEP_FILE})")
@@ -249,7 +274,7 @@ def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool =
         raise UserError(f"--resume {out}: continuing a sweep loads Ray Tune's saved state "
                         f"({out / EXPERIMENT}/*.pkl), a pickle that can run code when loaded; "
                         f"pass --allow-pickle if you trust {out}")
-    exp = out / EXPERIMENT
+    exp = f"{storage}/{EXPERIMENT}" if storage else out / EXPERIMENT  # storage: the URI
 
     def factory():
         from ray import tune
