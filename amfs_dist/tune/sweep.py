@@ -236,14 +236,16 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
             if remote.info(SWEEP_FILE).type != FileType.NotFound or \
                     remote.info(EXPERIMENT).type != FileType.NotFound:
                 raise UserError(f"--out {remote.uri}: holds a sweep already; continue it with "
-                                f"`amfs tune --resume {remote.uri}` or choose another --out")
-            spec.save(remote.local / SWEEP_FILE)
-            remote.push([SWEEP_FILE])
-            try:
-                return _fit(spec, remote.local, progress,
-                            lambda: make_tuner(spec, remote.uri, progress))
-            finally:
-                remote.push(None)
+                                f"`amfs tune --resume {remote.uri} --allow-pickle` or choose "
+                                f"another --out")
+            with sweep_ray(spec):
+                spec.save(remote.local / SWEEP_FILE)
+                remote.push([SWEEP_FILE])
+                try:
+                    return _fit(spec, remote.local, progress,
+                                lambda: make_tuner(spec, remote.uri, progress))
+                finally:
+                    remote.push(None)
     out = Path(out).resolve()
     if (out / EXPERIMENT).exists() or (out / SWEEP_FILE).exists():
         raise UserError(f"--out {out}: holds a sweep already; continue it with "
