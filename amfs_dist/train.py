@@ -238,9 +238,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def run_training(cfg: Config | None = None, out: str | Path | None = None,
                  resume: str | Path | None = None, progress: bool = True,
                  overrides: list[str] | None = None, backend: GradientBackend | None = None,
-                 on_step=None, on_validation=None) -> dict:
-    """`amfs train`: train, evaluate on the test split, write result.json; returns the result."""
+                 on_step=None, on_validation=None, resume_if_exists: bool = False) -> dict:
+    """`amfs train`: train, evaluate on the test split, write result.json; returns the result.
+
+    resume_if_exists (start or continue): a run already in `out` with the same config is
+    resumed from its checkpoint, or its result returned when it has finished."""
     started = time.perf_counter()
+    if resume is None and resume_if_exists and out and (Path(out) / "config.yaml").is_file():
+        _check_same_config(Path(out), cfg)
+        if (Path(out) / "result.json").is_file():  # finished: nothing to redo
+            return json.loads((Path(out) / "result.json").read_text())
+        if (Path(out) / CHECKPOINT).is_file():
+            resume, cfg = out, None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -248,7 +257,7 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         cfg = load_config(run_dir / "config.yaml", overrides)
     else:
         run_dir = Path(out) if out else default_run_dir(cfg)
-        if (run_dir / CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists() and not resume_if_exists:
             raise UserError(f"--out {run_dir}: holds a run already; resume it with "
                             f"`amfs train --resume {run_dir}` or choose another --out")
     trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
@@ -261,6 +270,17 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
     finally:
         trainer.close()
     return finish_run(trainer, started, progress, resumed=resume is not None)
+
+
+def _check_same_config(run_dir: Path, cfg: Config) -> None:
+    """Start-or-continue may only continue the run it was asked for: the same config."""
+    stored, given = load_config(run_dir / "config.yaml").to_flat(), cfg.to_flat()
+    diff = [f"{k} (stored {stored[k]!r}, given {given[k]!r})" for k in stored
+            if stored[k] != given[k]]
+    if diff:
+        raise UserError(f"--out {run_dir}: holds a run with another config: {', '.join(diff)}; "
+                        f"continue it as it is with `amfs train --resume {run_dir}`, or choose "
+                        f"another --out")
 
 
 def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra) -> dict:
