@@ -26,6 +26,7 @@ from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
+from amfs_dist.storage import is_uri, staged_run
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
@@ -69,6 +70,7 @@ class Trainer:
         self._backend = backend
         self.stop_signal: int | None = None
         self._updating = self._stop_now = False  # a second stop signal waits for the update
+        self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
 
     @property
     def backend(self) -> GradientBackend:
@@ -82,6 +84,8 @@ class Trainer:
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
                       "torch_rng": torch.get_rng_state()}, self.run_dir / CHECKPOINT)
+        if self.remote is not None:
+            self.remote.push()
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
@@ -208,8 +212,9 @@ class Trainer:
         except BaseException as e:
             self.save_checkpoint()  # nothing done so far is lost: resume from here
             if isinstance(e, KeyboardInterrupt):
+                where = self.remote.uri if self.remote else self.run_dir
                 print(f"\nstopped at step {self.step}; checkpoint saved: resume with "
-                      f"`amfs train --resume {self.run_dir}`", file=sys.stderr)
+                      f"`amfs train --resume {where}`", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -238,11 +243,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def run_training(cfg: Config | None = None, out: str | Path | None = None,
                  resume: str | Path | None = None, progress: bool = True,
                  overrides: list[str] | None = None, backend: GradientBackend | None = None,
-                 on_step=None, on_validation=None, resume_if_exists: bool = False) -> dict:
+                 on_step=None, on_validation=None, resume_if_exists: bool = False,
+                 remote=None) -> dict:
     """`amfs train`: train, evaluate on the test split, write result.json; returns the result.
 
     resume_if_exists (start or continue): a run already in `out` with the same config is
-    resumed from its checkpoint, or its result returned when it has finished."""
+    resumed from its checkpoint, or its result returned when it has finished.
+    An s3:// or gs:// --out/--resume is trained in a local copy, pushed back at every checkpoint."""
+    target = resume if resume is not None else out
+    if target is not None and is_uri(target):
+        with staged_run(str(target)) as remote:
+            local = {"resume": remote.local} if resume is not None else {"out": remote.local}
+            return run_training(cfg, **local, progress=progress, overrides=overrides,
+                                backend=backend, on_step=on_step, on_validation=on_validation,
+                                resume_if_exists=resume_if_exists, remote=remote)
     started = time.perf_counter()
     if resume is None and resume_if_exists and out and (Path(out) / "config.yaml").is_file():
         _check_same_config(Path(out), cfg)
@@ -261,6 +275,7 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
             raise UserError(f"--out {run_dir}: holds a run already; resume it with "
                             f"`amfs train --resume {run_dir}` or choose another --out")
     trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
+    trainer.remote = remote
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     try:
@@ -299,4 +314,6 @@ def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra
     if "mse" in test:
         result["test_mse"] = test["mse"]
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if trainer.remote is not None:
+        trainer.remote.push()
     return result

@@ -9,7 +9,8 @@ def register(sub) -> None:
                        description="Meta-train and evaluate; with no arguments, AMFS on the "
                                    "embedded synthetic glyphs, in-process.")
     p.add_argument("--config", help="YAML config file (keys as in `key=value`)")
-    p.add_argument("--out", help="run directory (default runs/METHOD-TIMESTAMP)")
+    p.add_argument("--out", help="run directory or s3:// / gs:// URI (default "
+                                 "runs/METHOD-TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     p.add_argument("--resume-if-exists", action="store_true",
                    help="with --out: continue the run in --out if there is one (the same config "

@@ -14,7 +14,8 @@ def load_images(source: str, image_size: int | None = None) -> ImageSet:
         from amfs_dist.data.synthetic import glyph_images
         return glyph_images(GLYPH_DATA_SEED, image_size or 28)
     from amfs_dist.data.store import open_store
-    return open_store(source)
+    from amfs_dist.storage import cached_store, is_uri
+    return open_store(cached_store(source) if is_uri(source) else source)
 
 
 def make_task_source(cfg: Config, input_shape: tuple[int, ...] | None = None) -> TaskSource:

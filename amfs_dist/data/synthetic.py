@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from amfs_dist.data.episodes import Episodes, ImageSet, task_rng
+from amfs_dist.storage import cache_dir
 
 GLYPH_CLASSES = {"train": 480, "val": 80, "test": 160}
 GLYPH_INSTANCES = 20  # as in Omniglot: 20 drawers per character
@@ -70,10 +70,6 @@ def _render(points: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tenso
 _RENDER_VERSION = 2  # bump when rendering changes, so cached images are not reused
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("AMFS_CACHE", Path.home() / ".cache" / "amfs-dist"))
-
-
 @functools.lru_cache(maxsize=4)
 def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES,
                  classes: tuple[tuple[str, int], ...] = tuple(GLYPH_CLASSES.items())) -> ImageSet:
@@ -84,7 +80,7 @@ def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES
     """
     key = f"glyphs-v{_RENDER_VERSION}-s{seed}-{size}px-{instances}-" + "-".join(
         f"{name}{n}" for name, n in classes)
-    path = _cache_dir() / f"{key}.npy"
+    path = cache_dir() / f"{key}.npy"
     images = None
     if path.is_file():
         try:

@@ -20,7 +20,8 @@ def register(sub) -> None:
                     "local one.")
     p.add_argument("--config", metavar="SWEEP_YAML",
                    help="sweep file: base (config), search (space), sweep (settings)")
-    p.add_argument("--out", help="sweep directory (default sweeps/NAME-TIMESTAMP)")
+    p.add_argument("--out", help="sweep directory or s3:// / gs:// URI (default "
+                                 "sweeps/NAME-TIMESTAMP)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue an interrupted sweep in DIR (its own sweep.yaml)")
     p.add_argument("--restart-errored", action="store_true",
@@ -48,7 +49,7 @@ def run(args) -> int:
     if args.restart_errored:
         raise UserError("--restart-errored goes with --resume")
     spec = load_sweep(args.config, args.overrides)  # every error here comes before Ray starts
-    out = Path(args.out) if args.out else (
+    out = args.out or (
         Path("sweeps") / f"{spec.settings.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from amfs_dist.tune.sweep import print_summary, run_sweep
     summary = run_sweep(spec, out, progress=not args.quiet)

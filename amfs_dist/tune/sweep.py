@@ -22,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyarrow.fs import FileType
+
 from amfs_dist.config import resolve, save_config
 from amfs_dist.errors import UserError
+from amfs_dist.storage import is_uri, staged_run
 from amfs_dist.tune.space import SweepSpec, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -132,7 +135,7 @@ def _points(spec: SweepSpec) -> list[dict]:
     return [flatten(p) for p in spec.settings.points_to_evaluate]
 
 
-def make_tuner(spec: SweepSpec, out: Path, progress: bool):
+def make_tuner(spec: SweepSpec, out: Path | str, progress: bool):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -158,7 +161,7 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _run_config(spec: SweepSpec, out: Path, progress: bool):
+def _run_config(spec: SweepSpec, out: Path | str, progress: bool):
     from ray import tune
     s = spec.settings
     return tune.RunConfig(
@@ -216,7 +219,22 @@ def _tune_env() -> None:
 
 # -- entry points ---------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
-    """Run a new sweep into `out`; returns the summary dict (see results.write_results)."""
+    """Run a new sweep into `out`; returns the summary dict (see results.write_results).
+    An s3:// or gs:// `out` holds Tune's experiment directly (storage_path); the results are
+    written into a local copy and uploaded at the end."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            if remote.info(SWEEP_FILE).type != FileType.NotFound or \
+                    remote.info(EXPERIMENT).type != FileType.NotFound:
+                raise UserError(f"--out {remote.uri}: holds a sweep already; continue it with "
+                                f"`amfs tune --resume {remote.uri}` or choose another --out")
+            spec.save(remote.local / SWEEP_FILE)
+            remote.push([SWEEP_FILE])
+            try:
+                return _fit(spec, remote.local, progress,
+                            lambda: make_tuner(spec, remote.uri, progress))
+            finally:
+                remote.push(None)
     out = Path(out).resolve()
     if (out / EXPERIMENT).exists() or (out / SWEEP_FILE).exists():
         raise UserError(f"--out {out}: holds a sweep already; continue it with "
@@ -226,14 +244,21 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
     return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
 
 
-def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False) -> dict:
+def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
+                 storage: str | None = None) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
     errored ones too (or from scratch with restart_errored)."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            try:
+                return resume_sweep(remote.local, progress, restart_errored, remote.uri)
+            finally:
+                remote.push(None)
     out = Path(out).resolve()
     if not (out / SWEEP_FILE).is_file():
         raise UserError(f"--resume {out}: not a sweep directory (no {SWEEP_FILE})")
     spec = load_sweep(out / SWEEP_FILE)
-    exp = out / EXPERIMENT
+    exp = f"{storage}/{EXPERIMENT}" if storage else out / EXPERIMENT  # storage: the URI
 
     def factory():
         from ray import tune
