@@ -1,8 +1,8 @@
 # The amfs-dist image: Ray's GPU image with this package installed. Every manifest in
 # cluster/k8s runs it; build and push it under your registry's name (cluster/README.md):
 #
-#   docker build -t ghcr.io/your-org/amfs-dist:0.1.0 .
-#   docker push ghcr.io/your-org/amfs-dist:0.1.0
+#   docker build -t ghcr.io/OWNER/amfs-dist:0.1.0 .
+#   docker push ghcr.io/OWNER/amfs-dist:0.1.0
 #
 # The Ray version (2.60) and Python (3.11) match pyproject.toml and the manifests' rayVersion.
 FROM rayproject/ray:2.60.0-py311-gpu

@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-IMAGE = f"ghcr.io/your-org/amfs-dist:{PROJECT['version']}"  # the placeholder users replace
+IMAGE = f"ghcr.io/OWNER/amfs-dist:{PROJECT['version']}"  # the placeholder users replace
 
 
 def instructions() -> list[tuple[str, str]]:
