@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,4 +182,11 @@ def test_slurm_script_is_valid_bash():
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = script.read_text()
-    assert "RAY_AUTH_MODE" in text and "ray start --head" in text and 'amfs "$@"' in text
+    assert "RAY_AUTH_MODE" in text and 'amfs "$@"' in text
+    # site-neutral: nodes, CPUs and GPUs come from sbatch's command line, never from the script
+    directives = re.findall(r"^#SBATCH\s+(--[\w-]+)", text, re.M)
+    assert not {"--nodes", "--gpus-per-node", "--gres", "--cpus-per-task", "--mem"} & set(directives)
+    assert {"--requeue", "--signal"} <= set(directives) and "#SBATCH --signal=B:USR1@" in text
+    code = re.sub(r"#.*", "", text)
+    assert "hostname --ip-address" not in code  # 127.0.x.1 where /etc/hosts says so (Debian)
+    assert "ray stop" not in code  # it would end every Ray on the node
