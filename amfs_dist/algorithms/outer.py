@@ -24,17 +24,48 @@ class TaskWeights:
                 "agreement_max": float(self.agreement.max())}
 
 
-def agreement(vectors: torch.Tensor) -> torch.Tensor:
-    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j); a single task agrees fully with itself (1)."""
-    t = vectors.shape[0]
+def gram(vectors: torch.Tensor) -> torch.Tensor:
+    """The T x T Gram matrix in the vectors' own precision (no float64 copy of T x P), as float64."""
+    return (vectors @ vectors.T).double()
+
+
+def block_gram(vectors: torch.Tensor, block: int) -> torch.Tensor:
+    """The Gram matrix summed over fixed coordinate blocks in block order, each in float64.
+
+    The same blocks give the same sum whoever computes them: the collective exchange's
+    workers each compute some blocks (block_grams), the driver adds them in this order."""
+    total = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64,
+                        device=vectors.device)
+    for part in block_grams(vectors, block):
+        total += part
+    return total
+
+
+def block_grams(vectors: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """One float64 Gram matrix per `block` coordinates of the [T, p] vectors."""
+    parts = []
+    for start in range(0, vectors.shape[1], block):
+        rows = vectors[:, start:start + block].double()
+        parts.append(rows @ rows.T)
+    return parts
+
+
+def agreement_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j) from the float64 Gram matrix of the v_i."""
+    t = gram.shape[0]
     if t == 1:
-        return torch.ones(1, dtype=torch.float64, device=vectors.device)
-    # the T x T Gram matrix in the vectors' own precision (no float64 copy of T x P), then
-    # the normalisation in float64
-    gram = (vectors @ vectors.T).double()
+        return torch.ones(1, dtype=torch.float64, device=gram.device)
+    gram = gram.double()
     norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
     cos = (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)  # float32 rounding
     return (cos.sum(1) - cos.diagonal()) / (t - 1)
+
+
+def agreement(vectors: torch.Tensor) -> torch.Tensor:
+    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j); a single task agrees fully with itself (1)."""
+    if vectors.shape[0] == 1:
+        return torch.ones(1, dtype=torch.float64, device=vectors.device)
+    return agreement_from_gram(gram(vectors))
 
 
 def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",
@@ -49,11 +80,12 @@ def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",
     raise ValueError(f"outer.normalize: unknown normalisation {normalize!r}")
 
 
-def task_weights(vectors: torch.Tensor, weighting: str = "cosine", normalize: str = "clip",
-                 temperature: float = 1.0) -> TaskWeights:
-    """The O-AMFS weights of T task vectors; weighting='mean' gives plain averaging."""
+def task_weights(vectors: torch.Tensor | None, weighting: str = "cosine", normalize: str = "clip",
+                 temperature: float = 1.0, gram: torch.Tensor | None = None) -> TaskWeights:
+    """The O-AMFS weights of T task vectors, or of their Gram matrix `gram` (then `vectors` is
+    None); weighting='mean' gives plain averaging."""
     with torch.no_grad():
-        a = agreement(vectors)
+        a = agreement(vectors) if gram is None else agreement_from_gram(gram)
         if weighting == "mean":
             w = torch.full_like(a, 1.0 / a.numel())
         elif weighting == "cosine":
@@ -63,6 +95,14 @@ def task_weights(vectors: torch.Tensor, weighting: str = "cosine", normalize: st
     return TaskWeights(w, a)
 
 
-def combine(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """G = sum_i w_i g_i."""
-    return weights.to(grads.dtype) @ grads
+def combine(grads: torch.Tensor, weights: torch.Tensor, ordered: bool = False) -> torch.Tensor:
+    """G = sum_i w_i g_i. ordered: added one task after the other, each product and sum one
+    rounded elementwise op, so any split of the coordinates gives the same bits (the
+    deterministic mode); else one matrix product."""
+    weights = weights.to(grads.dtype)
+    if not ordered:
+        return weights @ grads
+    total = torch.zeros(grads.shape[1:], dtype=grads.dtype, device=grads.device)
+    for row, w in zip(grads, weights):
+        total.add_(row * w)
+    return total

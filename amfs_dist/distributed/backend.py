@@ -30,18 +30,14 @@ import numpy as np
 import torch
 
 from amfs_dist.algorithms.learner import TaskGradients
-from amfs_dist.backend import StepResult, Weigh, weighted_direction
+from amfs_dist.backend import StepResult, Weigh, deterministic_block, weighted_direction
 from amfs_dist.config import Config
 from amfs_dist.distributed.worker import ShardWorker
-from amfs_dist.train import TrainingError
+from amfs_dist.errors import UserError, WorkerFailedError
 
 log = logging.getLogger("amfs_dist.distributed")
 
 START_GRACE_S = 300.0  # added to dist.timeout_s for a worker's first answer (its start-up)
-
-
-class WorkerFailedError(TrainingError):
-    """A shard worker failed more often than dist.max_worker_restarts, or its code raised."""
 
 
 def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
@@ -65,12 +61,17 @@ def _init_ray():
 
 
 class RayBackend:
+    worker_class = ShardWorker
+
     def __init__(self, cfg: Config, source_factory: Callable | None = None):
         import ray
         from ray import exceptions as rex
 
         if cfg.dist.workers < 1:
             raise ValueError("RayBackend needs dist.workers >= 1 (0 runs in-process)")
+        if cfg.dist.gpus_per_worker > 1:
+            raise UserError(f"dist.gpus_per_worker={cfg.dist.gpus_per_worker:g}: a shard worker "
+                            f"computes on one GPU; use one worker per GPU (dist.workers)")
         self.cfg = cfg
         self.num_workers = cfg.dist.workers
         self.exchange = cfg.dist.exchange
@@ -78,7 +79,7 @@ class RayBackend:
         self.max_restarts = cfg.dist.max_worker_restarts
         self._ray, self._rex = ray, rex
         self._owns_ray = _init_ray()
-        self._actor = ray.remote(ShardWorker).options(
+        self._actor = ray.remote(self.worker_class).options(
             num_cpus=cfg.dist.cpus_per_worker, num_gpus=cfg.dist.gpus_per_worker,
             max_restarts=0, max_task_retries=0)
         self._cfg_values = cfg.to_flat()
@@ -210,7 +211,8 @@ class RayBackend:
         del out, params_ref
         timings = self._timings(time.perf_counter() - t0, [worker_timings])
         timings["exchange_bytes"] = moved
-        return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings)
+        return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings,
+                                  deterministic_block(self.cfg))
 
     def _sketch_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
         self._round += 1
@@ -267,17 +269,19 @@ class RayBackend:
                           weights, timings)
 
     def _timings(self, gather_s: float, rounds: list[list[dict]]) -> dict[str, float]:
-        """sampling/compute: the slowest worker's (the critical path), summed over rounds;
+        """sampling (drawing the episodes, in the background), sampling_wait (the part the step
+        waited for) and compute: the slowest worker's (the critical path), summed over rounds;
         transfer: the rest of the gather wall time (put, scheduling, moving results, reassembly)."""
-        sampling = compute = 0.0
+        sampling = wait = compute = 0.0
         for worker_timings in rounds:
             if not worker_timings:
                 continue
-            slowest = max(worker_timings, key=lambda t: t["sampling_s"] + t["compute_s"])
-            sampling += slowest["sampling_s"]
+            slowest = max(worker_timings, key=lambda t: t.get("sampling_wait_s", 0.0) + t["compute_s"])
+            sampling += slowest.get("sampling_s", 0.0)
+            wait += slowest.get("sampling_wait_s", 0.0)
             compute += slowest["compute_s"]
-        return {"sampling_s": sampling, "compute_s": compute,
-                "transfer_s": max(0.0, gather_s - sampling - compute),
+        return {"sampling_s": sampling, "sampling_wait_s": wait, "compute_s": compute,
+                "transfer_s": max(0.0, gather_s - wait - compute),
                 "worker_restarts": sum(self.restarts)}
 
     def close(self) -> None:
