@@ -39,7 +39,7 @@ error handling, on by default).
 
 Faults: a worker that dies or hangs makes its peers' collective calls fail (at once for a
 closed connection, after dist.timeout_s for a silent peer); they answer "peer lost" instead
-of raising. The driver replaces the lost workers (dist.max_worker_restarts, as RayBackend),
+of raising. A worker silent for 2 x dist.timeout_s counts as hung. The driver replaces the lost workers (dist.max_worker_restarts, as RayBackend),
 rebuilds the group, gives every worker the state of a surviving replica (through the object
 store, not the driver) and recomputes the step. With no survivor (W = 1) the replicas start
 from the last state the driver handed out or fetched, and the steps since are replayed:
@@ -264,6 +264,12 @@ class CollectiveBackend(RayBackend):
             raise
 
     # -- rounds of calls ---------------------------------------------------------------------------
+    def _deadline(self, w: int) -> float:
+        """Twice dist.timeout_s: a worker waiting in a collective call for a hung peer answers
+        "peer lost" after dist.timeout_s of waiting, which may begin up to one step's compute
+        (at most dist.timeout_s) after the call; only a worker silent for longer is hung."""
+        return super()._deadline(w) + self.timeout
+
     def _calls(self, calls: dict, what: str, work: bool = False) -> dict:
         """Run calls[w]() on each worker; raise _GroupBroken naming the workers lost (dead or
         silent past their deadline) and those whose collective call failed (peer lost)."""
