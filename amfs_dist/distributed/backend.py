@@ -208,9 +208,11 @@ class RayBackend:
             g_np[w::W], l_np[w::W], a_np[w::W] = g, l, a
             moved += g.nbytes + l.nbytes + a.nbytes
         worker_timings = [t for (_, _, _, t) in out.values()]
+        worker_bytes = params_bytes + max(g.nbytes + l.nbytes + a.nbytes for g, l, a, _ in out.values())
         del out, params_ref
         timings = self._timings(time.perf_counter() - t0, [worker_timings])
         timings["exchange_bytes"] = moved
+        timings["worker_bytes"] = worker_bytes
         return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings,
                                   deterministic_block(self.cfg))
 
@@ -265,6 +267,9 @@ class RayBackend:
         timings = self._timings(gather1 + gather2, [phase1, phase2])
         timings["weighting_s"] = weighting
         timings["exchange_bytes"] = moved
+        # a worker: the parameters in, its sketches out, then its weights in and one sum out
+        timings["worker_bytes"] = (params_bytes + max(len(ids) for ids in active.values())
+                                   * (4 * d + 17) + (4 * self.num_params if weights is not None else 0))
         return StepResult(direction, torch.from_numpy(loss), torch.from_numpy(acc), finite_t,
                           weights, timings)
 
