@@ -6,12 +6,14 @@ Every worker holds a replica of the parameters and the Adam state. Each step:
    meta-gradients [t, P] from its own replica; it sends the driver per-task loss/accuracy/
    finite flags and what the weights need:
    - dist.weights_from=sketch: the tasks' count sketches [t, d];
-   - dist.weights_from=exact: partial Gram matrices. The parameters are cut into blocks of
+   - dist.weights_from=exact: the Gram matrix. The parameters are cut into blocks of
      dist.block_size coordinates and each worker owns a contiguous run of blocks; one
      all-to-all gives it every task's gradient on its own coordinates ([T, its share]; each
      worker sends and receives about t x P floats: the exact Gram matrix needs every pair of
-     rows to meet somewhere), and it returns one float64 T x T Gram matrix per block. The
-     driver adds them in block order: T x T x (P / block) floats, not T x P.
+     rows to meet somewhere), and it computes one float64 T x T Gram matrix per block. An
+     all-reduce sums them and worker 0 sends the driver the T x T result; with
+     train.deterministic every worker sends its blocks' matrices and the driver adds them in
+     block order (T x T x P / block floats, still not T x P).
 2. The driver computes the O-AMFS weights (or the mean) with the trainer's `weigh` and sends
    every worker the T weights.
 3. `update`: the workers form G = sum_i w_i g_i among themselves, and each applies the same
@@ -166,11 +168,25 @@ class CollectiveWorker(ShardWorker):
         t2 = time.perf_counter()
         if self.cfg.dist.weights_from == "exact":
             grams = block_grams(rows, self.cfg.dist.block_size)
-            out["grams"] = _to_numpy(torch.stack(grams)) if grams else np.zeros((0, T, T))
+            grams = torch.stack(grams) if grams else torch.zeros(0, T, T, device=rows.device)
+            if not self.cfg.train.deterministic:  # one T x T matrix to the driver, from worker 0
+                t3 = time.perf_counter()
+                try:
+                    grams = self._summed(grams.sum(0, keepdim=True))
+                except RuntimeError as err:
+                    return {"peer_lost": _first_lines(err, 3)}
+                comm += time.perf_counter() - t3
+                sent += int(2 * (self.world - 1) / self.world * grams[0].nbytes)
+                grams = grams if self.index == 0 else grams[:0]
+            out["grams"] = _to_numpy(grams)
         timings["compute_s"] += time.perf_counter() - t2
         self._step_data = (step, rows)
         out.update(timings=timings, comm_s=comm, sent_bytes=sent)
         return out
+
+    def _summed(self, t: torch.Tensor) -> torch.Tensor:
+        tdist.all_reduce(t)
+        return t
 
     def _to_shares(self, rows: torch.Tensor, T: int) -> tuple[torch.Tensor, int]:
         """All-to-all: [my tasks, P] -> [T, my coordinate share], rows in task order."""
