@@ -7,15 +7,12 @@ exchange). dist.block_size=512 splits the tiny model's parameters over up to 3 w
 from __future__ import annotations
 
 import math
-import os
-import signal
 
-import numpy as np
 import pytest
 import torch
 
-from test_distributed import (BASE, assert_same_params, cfg_of, metrics, model_state,
-                              train_in_process)
+from test_distributed import (BASE, assert_same_params, cfg_of, kill_worker_after, metrics,
+                              model_state, train_in_process)
 
 from amfs_dist.algorithms.outer import block_gram, combine, gram, task_weights
 from amfs_dist.backend import InProcessBackend, apply_direction, weighted_direction
@@ -117,7 +114,8 @@ def test_collective_exact_gives_the_in_process_parameters(ray_session, reference
 @pytest.mark.ray
 @pytest.mark.slow
 def test_collective_resume_equals_uninterrupted(ray_session, reference, tmp_path):
-    cfg = cfg_of("dist.workers=2", *COLLECTIVE, "train.steps=3")
+    # the default dist.block_size: one block, which worker 1 does not share
+    cfg = cfg_of("dist.workers=2", "dist.exchange=collective", "train.steps=3")
     run_training(cfg, out=tmp_path, progress=False)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
     result = run_training(resume=tmp_path, progress=False, overrides=["train.steps=5"])
@@ -180,14 +178,8 @@ def test_collective_survives_killed_and_hung_workers(ray_session, reference, tmp
     backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(
         kill_steps=[3], hang_steps=[4], once_dir=str(once)))
     killed = []
-
-    def on_step(trainer, row):
-        if trainer.step == 2:
-            pid = backend.worker_pids()[1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend, on_step=on_step)
+    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+                 on_step=kill_worker_after(backend, 2, 1, killed))
     assert killed and (once / "kill-step3").exists() and (once / "hang-step4").exists()
     assert metrics(tmp_path / "run")[-1]["worker_restarts"] == 3
     assert_same_params(model_state(tmp_path / "run"), reference, atol=ATOL)

@@ -265,6 +265,16 @@ def test_nan_tasks_and_bad_steps_with_workers(ray_session, tmp_path):
     assert_same_params(a["model"], b["model"])
 
 
+def kill_worker_after(backend, step: int, worker: int, killed: list):
+    """An on_step callback that SIGKILLs the worker's process once `step` steps are done."""
+    def on_step(trainer, row):
+        if trainer.step == step:
+            pid = backend.worker_pids()[worker]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return on_step
+
+
 @pytest.mark.ray
 def test_killed_workers_are_replaced_and_the_run_is_unchanged(ray_session, reference, tmp_path):
     """Worker 1 is SIGKILLed between steps 1 and 2 (pid from the actor), and a worker kills
@@ -278,14 +288,8 @@ def test_killed_workers_are_replaced_and_the_run_is_unchanged(ray_session, refer
     once.mkdir()
     backend = RayBackend(cfg, source_factory=faulty_source_factory(kill_steps=[3], once_dir=str(once)))
     killed = []
-
-    def on_step(trainer, row):
-        if trainer.step == 2:
-            pid = backend.worker_pids()[1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend, on_step=on_step)
+    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+                 on_step=kill_worker_after(backend, 2, 1, killed))
     assert killed and (once / "kill-step3").exists()
     rows = metrics(tmp_path / "run")
     restarts = [r["worker_restarts"] for r in rows]

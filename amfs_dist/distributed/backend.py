@@ -142,14 +142,11 @@ class RayBackend:
         warm up)."""
         return time.monotonic() + self.timeout + (START_GRACE_S if self._fresh[w] else 0.0)
 
-    def _gather(self, calls: dict[int, Callable], what: str, work: bool = True) -> dict[int, object]:
-        """Run calls[w]() on each worker and collect the results; replace lost workers and
-        resubmit their call until it succeeds or the worker's restarts run out. A worker's
-        first answer to real work (work=True) ends its start-up grace: that one includes the
-        first pass's warm-up."""
+    def _answers(self, pending: dict, what: str):
+        """For each call in pending {ref: (w, deadline)} (which may grow meanwhile), in the order
+        they end: (w, result, None), or (w, None, why) for a worker lost (dead, or silent past
+        its deadline). An exception raised by the worker's own code is raised here."""
         ray = self._ray
-        pending: dict = {call(): (w, self._deadline(w)) for w, call in calls.items()}
-        results: dict[int, object] = {}
         while pending:
             soonest = min(deadline for _, deadline in pending.values())
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -158,24 +155,35 @@ class RayBackend:
                 now = time.monotonic()
                 for ref in [r for r, (_, d) in pending.items() if d <= now]:
                     w, _ = pending.pop(ref)
-                    self._replace(w, f"no answer to '{what}' within dist.timeout_s="
-                                     f"{self.timeout:g} s")
-                    pending[calls[w]()] = (w, self._deadline(w))
+                    yield w, None, f"no answer to '{what}' within dist.timeout_s={self.timeout:g} s"
                 continue
-            ref = ready[0]
-            w, _ = pending.pop(ref)
+            w, _ = pending.pop(ready[0])
             try:
-                results[w] = ray.get(ref)
+                result = ray.get(ready[0])
             except self._rex.RayError as err:
                 why = self._classify(err)
                 if why is None:
                     raise WorkerFailedError(f"shard worker {w} raised during '{what}': "
                                             f"{_first_lines(err)}") from err
-                self._replace(w, why)
-                pending[calls[w]()] = (w, self._deadline(w))
+                yield w, None, why
             else:
-                if work:
-                    self._fresh[w] = False
+                yield w, result, None
+
+    def _gather(self, calls: dict[int, Callable], what: str, work: bool = True) -> dict[int, object]:
+        """Run calls[w]() on each worker and collect the results; replace lost workers and
+        resubmit their call until it succeeds or the worker's restarts run out. A worker's
+        first answer to real work (work=True) ends its start-up grace: that one includes the
+        first pass's warm-up."""
+        pending: dict = {call(): (w, self._deadline(w)) for w, call in calls.items()}
+        results: dict[int, object] = {}
+        for w, result, lost in self._answers(pending, what):
+            if lost:
+                self._replace(w, lost)
+                pending[calls[w]()] = (w, self._deadline(w))
+                continue
+            results[w] = result
+            if work:
+                self._fresh[w] = False
         return results
 
     # -- one step ---------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ class CollectiveWorker(ShardWorker):
         t2 = time.perf_counter()
         if self.cfg.dist.weights_from == "exact":
             grams = block_grams(rows, self.cfg.dist.block_size)
-            grams = torch.stack(grams) if grams else torch.zeros(0, T, T, device=rows.device)
+            grams = (torch.stack(grams) if grams
+                     else torch.zeros(0, T, T, dtype=torch.float64, device=rows.device))
             if not self.cfg.train.deterministic:  # one T x T matrix to the driver, from worker 0
                 t3 = time.perf_counter()
                 try:
@@ -289,30 +290,12 @@ class CollectiveBackend(RayBackend):
     def _calls(self, calls: dict, what: str, work: bool = False) -> dict:
         """Run calls[w]() on each worker; raise _GroupBroken naming the workers lost (dead or
         silent past their deadline) and those whose collective call failed (peer lost)."""
-        ray = self._ray
         pending = {call(): (w, self._deadline(w)) for w, call in calls.items()}
         results, lost, peers = {}, {}, {}
-        while pending:
-            soonest = min(d for _, d in pending.values())
-            ready, _ = ray.wait(list(pending), num_returns=1,
-                                timeout=max(0.0, soonest - time.monotonic()))
-            if not ready:
-                now = time.monotonic()
-                for ref in [r for r, (_, d) in pending.items() if d <= now]:
-                    w, _ = pending.pop(ref)
-                    lost[w] = f"no answer to '{what}' within dist.timeout_s={self.timeout:g} s"
-                continue
-            w, _ = pending.pop(ready[0])
-            try:
-                out = ray.get(ready[0])
-            except self._rex.RayError as err:
-                why = self._classify(err)
-                if why is None:
-                    raise WorkerFailedError(f"shard worker {w} raised during '{what}': "
-                                            f"{_first_lines(err)}") from err
+        for w, out, why in self._answers(pending, what):
+            if why:
                 lost[w] = why
-                continue
-            if isinstance(out, dict) and "peer_lost" in out:
+            elif isinstance(out, dict) and "peer_lost" in out:
                 peers[w] = out["peer_lost"]
             else:
                 results[w] = out
