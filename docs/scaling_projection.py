@@ -1,6 +1,5 @@
 """Step-time projection of docs/scaling.md: python docs/scaling_projection.py C_CONV4 C_RESNET12
 (per-task compute seconds on one GPU); prints the tables of the note."""
-import math
 B = 25e9        # bytes/s: one 200 Gb/s link per worker and for the driver, each direction
 ALPHA = 10e-6   # s: latency of one message (one ring hop)
 F_DRIVER = 1e12 # float32 FLOP/s of the driver's CPU for the exact exchange's T x T x P Gram matrix
