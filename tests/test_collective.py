@@ -67,6 +67,19 @@ def test_block_gram_and_ordered_combine():
     torch.testing.assert_close(a.weights, b.weights)
 
 
+def test_a_worker_given_several_gpus_is_refused(monkeypatch):
+    from amfs_dist.distributed.worker import pick_device
+    from amfs_dist.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="given 2 GPUs"):
+        pick_device(cfg_of(), assigned_gpus=["0", "1"])
+    assert pick_device(cfg_of("train.device=cpu"), assigned_gpus=["0", "1"]).type == "cpu"
+    from amfs_dist.distributed import RayBackend
+    with pytest.raises(UserError, match="dist.gpus_per_worker=2"):
+        RayBackend(cfg_of("dist.workers=1", "dist.gpus_per_worker=2"))
+
+
 def test_sampling_is_prefetched_off_the_critical_path():
     """In process, step s+1's episodes are drawn while step s computes: the step waits for
     them far less than drawing them takes, and the gradients are unchanged."""
