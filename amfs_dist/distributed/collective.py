@@ -186,12 +186,15 @@ class CollectiveWorker(ShardWorker):
         return out
 
     def _summed(self, t: torch.Tensor) -> torch.Tensor:
-        tdist.all_reduce(t)
+        if self.world > 1:
+            tdist.all_reduce(t)
         return t
 
     def _to_shares(self, rows: torch.Tensor, T: int) -> tuple[torch.Tensor, int]:
         """All-to-all: [my tasks, P] -> [T, my coordinate share], rows in task order."""
         b, W, me = self.bounds, self.world, self.index
+        if W == 1:  # nothing to exchange (and no copies of [T, P])
+            return rows, 0
         counts = tasks_of(T, W)
         send = torch.cat([rows[:, b[v]:b[v + 1]].reshape(-1) for v in range(W)])
         mine = b[me + 1] - b[me]
@@ -243,6 +246,8 @@ class CollectiveWorker(ShardWorker):
     def _assemble(self, part: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The full G [P] on every worker, and the bytes this worker sent for it (ring)."""
         W, nbytes = self.world, part.element_size()
+        if W == 1:
+            return part, 0
         if not self.by_shares:
             tdist.all_reduce(part)
             return part, int(2 * (W - 1) / W * self.num_params * nbytes)
