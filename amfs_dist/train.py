@@ -21,17 +21,11 @@ from amfs_dist.algorithms.outer import task_weights
 from amfs_dist.backend import GradientBackend, InProcessBackend, StepResult
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
-from amfs_dist.errors import UserError
+from amfs_dist.errors import TrainingError, UserError  # TrainingError: re-exported
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
-
-
-class TrainingError(UserError):
-    """The run cannot go on (e.g. too many steps without a finite gradient); a checkpoint is kept."""
-
-    exit_code = 1
 
 
 def default_run_dir(cfg: Config) -> Path:
