@@ -264,7 +264,7 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
     for source in (base, overrides):
         for key, value in source.items():
             if key not in SCHEMA:
-                raise ConfigError(f"{key}: unknown config key")
+                raise ConfigError(f"{key if key.isprintable() else repr(key)}: unknown config key")
             values[key] = value
     for key in SCHEMA:
         values[key] = _coerce(key, values[key])
