@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -106,6 +107,34 @@ SCHEMA: dict[str, Key] = {
 }
 
 
+class AliasError(yaml.composer.ComposerError):
+    pass
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases: a few hundred bytes of nested aliases
+    ("billion laughs") expand to gigabytes, and a config never needs them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise AliasError(None, None, "anchors and aliases (&name, *name) are not allowed",
+                             event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, as yaml.safe_load without aliases; errors are YAMLError."""
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)
+    except RecursionError:  # thousands of nested brackets
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+# the float forms people write; YAML 1.1 reads 1e-3 or +1E3 (no dot) as strings
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any) -> Any:
     spec = SCHEMA[key]
     if value is None:
@@ -116,9 +145,14 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
     elif float in spec.types:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif int in spec.types:
@@ -226,8 +260,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else None
+    except AliasError as e:
+        raise ConfigError(f"{key}: {e.problem}") from None
+    except yaml.YAMLError:  # e.g. "a: b" or "[1": taken as the text itself
         value = raw
     return key, value
 
@@ -237,7 +273,7 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
     for source in (base, overrides):
         for key, value in source.items():
             if key not in SCHEMA:
-                raise ConfigError(f"{key}: unknown config key")
+                raise ConfigError(f"{key if key.isprintable() else repr(key)}: unknown config key")
             values[key] = value
     for key in SCHEMA:
         values[key] = _coerce(key, values[key])
@@ -256,7 +292,13 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {path}: not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(tree, dict):

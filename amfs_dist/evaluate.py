@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.config import load_config
 from amfs_dist.errors import UserError
+from amfs_dist.runs import load_module_state, load_torch_file
 
 
 def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, queries: int,
@@ -56,10 +57,15 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None):
         raise UserError(f"{run}: no model.pt; the run has not finished (resume it with "
                         f"`amfs train --resume {run}`)")
     cfg = load_config(run / "config.yaml", overrides)
-    saved = torch.load(model_path, map_location="cpu", weights_only=True)
-    input_shape = tuple(saved["input_shape"])
+    saved = load_torch_file(model_path, ("model", "input_shape"), "model")
+    input_shape = saved["input_shape"]
+    if not (isinstance(input_shape, (list, tuple)) and len(input_shape) in (1, 3)
+            and all(isinstance(n, int) and n >= 1 for n in input_shape)):
+        raise UserError(f"{model_path}: not an amfs model (input_shape {input_shape!r})")
+    input_shape = tuple(input_shape)
     learner = MetaLearner(cfg, input_shape, resolve_device(cfg))
-    learner.module.load_state_dict(saved["model"])
+    load_module_state(learner.module, saved["model"], model_path,
+                      f"{run / 'config.yaml'}{' with the overrides' if overrides else ''}")
     return cfg, learner, input_shape
 
 

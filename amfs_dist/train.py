@@ -28,6 +28,8 @@ from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
+from amfs_dist.runs import (check_new_run_dir, load_module_state, load_torch_file, make_run_dir,
+                             read_metrics)
 from amfs_dist.storage import is_uri, staged_run
 
 CHECKPOINT = "checkpoint.pt"
@@ -103,19 +105,31 @@ class Trainer:
         _atomic_save({"step": self.step, "bad_streak": self.bad_streak,
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
-                      "torch_rng": torch.get_rng_state()}, self.run_dir / CHECKPOINT)
+                      "torch_rng": torch.get_rng_state(),
+                      "input_shape": list(self.source.input_shape)}, self.run_dir / CHECKPOINT)
         if self.remote is not None:
             self.remote.push()
 
     def load_checkpoint(self) -> None:
+        """Restore the checkpoint; a damaged, foreign or mismatching one is a UserError."""
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             raise UserError(f"{self.run_dir}: no {CHECKPOINT} to resume from")
-        state = torch.load(path, map_location=self.learner.device, weights_only=True)
-        self.learner.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        self.step, self.bad_streak = int(state["step"]), int(state["bad_streak"])
+        state = load_torch_file(path, ("step", "bad_streak", "model", "optimizer", "torch_rng"),
+                                "checkpoint", self.learner.device)
+        shape = list(self.source.input_shape)
+        if state.get("input_shape", shape) != shape:  # older checkpoints do not record it
+            raise UserError(f"{path}: the run was trained on inputs of shape {state['input_shape']}"
+                            f", its config now gives {shape} (data.source, data.image_size, "
+                            f"data.channels)")
+        load_module_state(self.learner.module, state["model"], path, self.run_dir / "config.yaml")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+            self.step, self.bad_streak = int(state["step"]), int(state["bad_streak"])
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+            raise UserError(f"{path}: not an amfs checkpoint for this run ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]})") from None
         self._synced_step = self._pulled_step = None
 
     # -- one step --------------------------------------------------------------------------------
@@ -265,9 +279,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows past the checkpoint's step, so a resumed run's log has each step once."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [row for row in read_metrics(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run_training(cfg: Config | None = None, out: str | Path | None = None,
@@ -299,18 +312,19 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml", overrides)
+        _refuse_model_changes(run_dir, load_config(run_dir / "config.yaml"), cfg)
     else:
         run_dir = Path(out) if out else default_run_dir(cfg)
-        if (run_dir / CHECKPOINT).exists() and not resume_if_exists:
-            raise UserError(f"--out {run_dir}: holds a run already; resume it with "
-                            f"`amfs train --resume {run_dir}` or choose another --out")
+        check_new_run_dir(run_dir, CHECKPOINT)
     trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
     trainer.remote = remote
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     try:
         if resume is not None:
-            trainer.load_checkpoint()
+            trainer.load_checkpoint()  # a damaged or mismatching checkpoint, too
+        _ = trainer.backend  # workers the cluster cannot hold are refused before any write
+        if resume is None:
+            make_run_dir(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
         trainer.fit(progress=progress, on_step=on_step, on_validation=on_validation)
     finally:
         trainer.close()
@@ -326,6 +340,24 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
         raise UserError(f"--out {run_dir}: holds a run with another config: {', '.join(diff)}; "
                         f"continue it as it is with `amfs train --resume {run_dir}`, or choose "
                         f"another --out")
+
+
+def _model_settings(cfg: Config) -> dict:
+    """The settings that decide the model's parameters: fixed for the life of a run."""
+    kernel = cfg.inner_loop == "kernel"
+    return {"model.backbone": cfg.backbone, "model.width": cfg.model.width,
+            "data.ways": cfg.data.ways, "data.image_size": cfg.data.image_size,
+            "data.channels": cfg.data.channels, "inner (or method)": cfg.inner_loop,
+            "kernel.learn_bandwidth": cfg.kernel.learn_bandwidth if kernel else None,
+            "kernel.learn_lam": cfg.kernel.learn_lam if kernel else None}
+
+
+def _refuse_model_changes(run_dir: Path, run_cfg: Config, cfg: Config) -> None:
+    was, now = _model_settings(run_cfg), _model_settings(cfg)
+    changed = [f"{k} ({was[k]} -> {now[k]})" for k in was if was[k] != now[k]]
+    if changed:
+        raise UserError(f"--resume {run_dir}: {', '.join(changed)} would change the model's "
+                        f"shape, which a resumed run cannot; start a new run with --out instead")
 
 
 def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra) -> dict:

@@ -1,9 +1,11 @@
 """Config loading, overrides and validation errors (DESIGN 4)."""
 import pytest
 import yaml
+from hypothesis import given, settings, strategies as st
 
 from amfs_dist.cli import main
-from amfs_dist.config import ConfigError, load_config
+from amfs_dist.config import SCHEMA, ConfigError, load_config
+from amfs_dist.errors import UserError
 
 
 def test_defaults_and_presets():
@@ -79,3 +81,40 @@ def test_bad_config_file_is_named(tmp_path, capsys):
 def test_override_without_equals_is_an_error(capsys):
     assert main(["train", "kernel.lam"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+# -- property: any override or YAML mapping loads or is a one-line ConfigError ------------------
+KEY_PARTS = sorted({part for key in SCHEMA for part in key.split(".")})
+keys = st.one_of(st.sampled_from(sorted(SCHEMA)), st.sampled_from(KEY_PARTS), st.text(max_size=12))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+                    st.sampled_from(["1e-3", ".inf", "nan", "&a 1", "*a", "[1", "{a: 1}",
+                                     "!!python/name:os.system", "2001-12-14", "0x1F", "1_000"]),
+                    st.just(10 ** 400))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
+
+
+def _loads_or_config_error(load):
+    try:
+        load()
+    except UserError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=30),
+                          st.builds(lambda k, v: f"{k}={v}", keys, st.one_of(scalars, st.text()))),
+                max_size=4))
+def test_any_override_loads_or_is_a_config_error(overrides):
+    _loads_or_config_error(lambda: load_config(None, overrides))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.dictionaries(keys, values, max_size=5), st.text(max_size=60), st.binary(max_size=60)))
+def test_any_yaml_file_loads_or_is_a_config_error(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    if isinstance(content, dict):
+        path.write_text(yaml.safe_dump(content, allow_unicode=True))
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _loads_or_config_error(lambda: load_config(path))
