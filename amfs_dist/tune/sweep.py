@@ -188,10 +188,11 @@ def ensure_ray() -> bool:
     import ray
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS") or "local"  # local: a new cluster, never a stray one
+    if address == "local":
         # a local cluster this process owns: Ray >= 2.59 would turn token auth on by itself
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=False,
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     return True
 
