@@ -180,7 +180,9 @@ def _run_on_ray(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
                 str(out / CELLS / cell.name), cell.values, eval_overrides(spec, cell))
             pending[ref], groups[ref] = cell, pg
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # Ctrl+C reaches us
+            if not done:
+                continue
             ref = done[0]
             cell = pending.pop(ref)
             remove_placement_group(groups.pop(ref))
