@@ -63,6 +63,9 @@ SCHEMA: dict[str, Key] = {
     "data.ways": Key((int,), 5, _at_least_one, ">= 1"),
     "data.shots": Key((int,), 1, _at_least_one, ">= 1"),
     "data.queries": Key((int,), 15, _at_least_one, ">= 1"),
+    # a share of each step's training tasks made conflicting (data/conflict.py), for `stability`
+    "data.conflict_fraction": Key((float,), 0.0, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "data.conflict": Key((str,), "permute", _one_of("permute", "noise"), "permute or noise"),
     "data.image_size": Key((int,), None, _at_least_one, ">= 1 (or null for the source's own)", True),
     "data.channels": Key((int,), None, _one_of(1, 3), "1 or 3 (or null for the source's own)", True),
     "model.backbone": Key((str,), "auto", _one_of("auto", "conv4", "resnet12", "mlp"),
@@ -263,6 +266,11 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
                           f"data.source={values['data.source']!r}")
     if values["data.source"] == "sinusoid" and cfg.backbone != "mlp":
         raise ConfigError(f"model.backbone: data.source=sinusoid needs mlp, got {cfg.backbone!r}")
+    if values["data.conflict_fraction"] > 0 and (values["data.source"] == "sinusoid"
+                                                 or values["data.ways"] < 2):
+        raise ConfigError(f"data.conflict_fraction: conflicting tasks relabel classes; they need "
+                          f"classification with data.ways >= 2, got "
+                          f"{values['data.conflict_fraction']!r}")
     if values["data.source"] == "sinusoid" and cfg.inner_loop == "protonet":
         key = "inner" if values["inner"] else "method"
         raise ConfigError(f"{key}: protonet classifies (class prototypes); data.source=sinusoid "

@@ -35,9 +35,14 @@ def make_task_source(cfg: Config, input_shape: tuple[int, ...] | None = None) ->
         from amfs_dist.data.convert import image_converter
         transform = image_converter(target[0], target[1])
     try:
-        return ImageEpisodeSampler(images, d.ways, d.shots, d.queries, cfg.seed, transform, target)
+        source = ImageEpisodeSampler(images, d.ways, d.shots, d.queries, cfg.seed, transform, target)
     except ValueError as e:
         raise UserError(f"data.source={d.source}: {e}") from None
+    if d.conflict_fraction > 0:
+        from amfs_dist.data.conflict import ConflictingTasks
+        source = ConflictingTasks(source, d.conflict_fraction, d.conflict, cfg.seed,
+                                  cfg.train.meta_batch)
+    return source
 
 
 __all__ = ["Episodes", "ImageSet", "TaskSource", "load_images", "make_task_source"]
