@@ -86,7 +86,7 @@ def test_every_shipped_experiment_file_loads():
         assert load_experiment(name, SMOKE).cells()
     for preset in ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs"):
         path = ROOT / "experiments" / f"{preset}.yaml"
-        for name in ("compare", "steps"):
+        for name in EXPERIMENTS:
             assert load_experiment(name, path).cells()
 
 
