@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from amfs_dist.cli import main
+from test_job_submit import head_node  # noqa: F401  (fixture: a `ray start --head` of its own)
 from amfs_dist.config import ConfigError
 from amfs_dist.errors import UserError
 from amfs_dist.experiment.report import t_ci95
@@ -174,3 +175,27 @@ def test_smoke_suite_end_to_end_and_a_rerun_trains_nothing(ray_session, tmp_path
                      "--quiet"]) == 0
         assert "(0 run now)" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_job_submit_runs_an_experiment_with_workers_inside_cells(head_node, tmp_path):
+    """The entrypoint is just the command; each cell's dist.workers go into its placement group."""
+    import shutil
+    import subprocess
+    import sys
+
+    ray_bin, address, env = head_node
+    out = tmp_path / "exp"
+    amfs = shutil.which("amfs", path=env["PATH"])
+    entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]
+    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           *entry, "experiment", "steps", "--config", "experiments/smoke.yaml", "--out", str(out),
+           "--quiet", "train.steps=2", "dist.workers=1", "dist.cpus_per_worker=0.5"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "2/2 cells done" in done.stdout + done.stderr
+    for cell in (out / "cells").iterdir():
+        rows = [json.loads(l) for l in (cell / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["exchange_bytes"] > 0 for r in rows)  # on a worker
+    assert (out / "accuracy_vs_steps.png").is_file()
