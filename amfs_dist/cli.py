@@ -1,4 +1,4 @@
-"""The `amfs` command line: train, eval, data, tune, experiment, bench.
+"""The `amfs` command line: train, eval, status, data, tune, experiment, bench.
 
 Each command lives in its own module exposing register(subparsers); the parser it adds sets
 func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2.
@@ -9,11 +9,12 @@ import argparse
 import importlib
 import sys
 
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 
 COMMAND_MODULES = [
     "amfs_dist.commands.train",
     "amfs_dist.commands.eval",
+    "amfs_dist.commands.status",
     "amfs_dist.data.cli",
     "amfs_dist.tune.cli",
     "amfs_dist.experiment.cli",
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"amfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:
+        print(f"amfs: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("amfs: interrupted", file=sys.stderr)

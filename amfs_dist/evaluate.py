@@ -72,8 +72,12 @@ def resolve_device(cfg) -> str:
 def eval_run(run_dir: str | Path, episodes: int | None = None,
              overrides: list[str] | None = None, progress: bool = False) -> dict:
     from amfs_dist.data import make_task_source
+    from amfs_dist.storage import is_uri, staged_run
+    if is_uri(run_dir):  # a run on object storage: evaluate a local copy of what it needs
+        with staged_run(str(run_dir), ("config.yaml", "model.pt")) as remote:
+            return {**eval_run(remote.local, episodes, overrides, progress), "run": str(run_dir)}
     cfg, learner, input_shape = load_run(run_dir, overrides)
-    source = make_task_source(cfg, input_shape)
+    source = make_task_source(cfg, input_shape, training=False)
     n = episodes or cfg.eval.episodes
     stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch,
                               progress=progress)

@@ -6,9 +6,12 @@ checkpoint holds everything else, so a resumed run ends where an uninterrupted o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,11 +25,15 @@ from amfs_dist.backend import GradientBackend, InProcessBackend, StepResult
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
+from amfs_dist.storage import is_uri, staged_run
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
+# Slurm (USR1 before the time limit, TERM on preemption), Kubernetes and `ray job stop` (TERM)
+# and Ctrl-C (INT) all mean: finish this step, checkpoint, exit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingError(UserError):
@@ -62,6 +69,9 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0
         self._backend = backend
+        self.stop_signal: int | None = None
+        self._updating = self._stop_now = False  # a second stop signal waits for the update
+        self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
 
     @property
     def backend(self) -> GradientBackend:
@@ -75,6 +85,8 @@ class Trainer:
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
                       "torch_rng": torch.get_rng_state()}, self.run_dir / CHECKPOINT)
+        if self.remote is not None:
+            self.remote.push()
 
     def load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
@@ -96,6 +108,7 @@ class Trainer:
         task_ids = list(range(self.cfg.train.meta_batch))
         res = self.backend.direction(self.learner.flat_params(), self.step, task_ids, self.weigh)
         t1 = time.perf_counter()
+        self._updating = True
         if res.direction is not None:
             grads = self.learner.layout.unflatten(res.direction.to(self.learner.device))
             for name, p in self.learner.params().items():
@@ -108,6 +121,9 @@ class Trainer:
         res.timings["update_s"] = time.perf_counter() - t1
         res.timings["step_s"] = time.perf_counter() - t0
         self.step += 1
+        self._updating = False
+        if self._stop_now:
+            raise KeyboardInterrupt
         return res
 
     def metrics_row(self, res: StepResult) -> dict:
@@ -126,6 +142,33 @@ class Trainer:
         return row
 
     # -- the loop --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_at_step_boundary(self):
+        """While training, a stop signal ends the current step, then checkpoints and stops.
+
+        A second signal stops at once (KeyboardInterrupt): the checkpoint then holds the last
+        finished step. Handlers can only be set from the main thread (a Tune trial runs fit in
+        another one, and Tune stops it its own way), so elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            elif self._updating:  # parameters half updated: stop right after the update
+                self._stop_now = True
+            else:
+                raise KeyboardInterrupt
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def validate(self) -> dict:
         t = self.cfg.train
         return evaluate_episodes(self.learner, self.source, "val", t.val_episodes,
@@ -138,8 +181,9 @@ class Trainer:
         _truncate_metrics(metrics, self.step)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"{self.cfg.method_name} meta-train",
                    disable=not progress, dynamic_ncols=True)
+        _ = self.backend  # started before the handlers are set: ray.init sets its own
         try:
-            with metrics.open("a") as log:
+            with metrics.open("a") as log, self.stop_at_step_boundary():
                 while self.step < t.steps:
                     res = self.train_step()
                     row = self.metrics_row(res)
@@ -163,11 +207,17 @@ class Trainer:
                                          if row.get(v) is not None})
                     if on_step:
                         on_step(self, row)
+                    if self.stop_signal is not None and self.step < t.steps:
+                        name = signal.Signals(self.stop_signal).name
+                        raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
+                                         f"saved: resume with `amfs train --resume "
+                                         f"{self.run_dir}`", self.stop_signal)
         except BaseException as e:
             self.save_checkpoint()  # nothing done so far is lost: resume from here
             if isinstance(e, KeyboardInterrupt):
+                where = self.remote.uri if self.remote else self.run_dir
                 print(f"\nstopped at step {self.step}; checkpoint saved: resume with "
-                      f"`amfs train --resume {self.run_dir}`", file=sys.stderr)
+                      f"`amfs train --resume {where}`", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -208,9 +258,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def run_training(cfg: Config | None = None, out: str | Path | None = None,
                  resume: str | Path | None = None, progress: bool = True,
                  overrides: list[str] | None = None, backend: GradientBackend | None = None,
-                 on_step=None, on_validation=None) -> dict:
-    """`amfs train`: train, evaluate on the test split, write result.json; returns the result."""
+                 on_step=None, on_validation=None, resume_if_exists: bool = False,
+                 remote=None) -> dict:
+    """`amfs train`: train, evaluate on the test split, write result.json; returns the result.
+
+    resume_if_exists (start or continue): a run already in `out` with the same config is
+    resumed from its checkpoint, or its result returned when it has finished.
+    An s3:// or gs:// --out/--resume is trained in a local copy, pushed back at every checkpoint."""
+    target = resume if resume is not None else out
+    if target is not None and is_uri(target):
+        with staged_run(str(target)) as remote:
+            local = {"resume": remote.local} if resume is not None else {"out": remote.local}
+            return run_training(cfg, **local, progress=progress, overrides=overrides,
+                                backend=backend, on_step=on_step, on_validation=on_validation,
+                                resume_if_exists=resume_if_exists, remote=remote)
     started = time.perf_counter()
+    if resume is None and resume_if_exists and out and (Path(out) / "config.yaml").is_file():
+        _check_same_config(Path(out), cfg)
+        if (Path(out) / "result.json").is_file():  # finished: nothing to redo
+            return json.loads((Path(out) / "result.json").read_text())
+        if (Path(out) / CHECKPOINT).is_file():
+            resume, cfg = out, None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -218,10 +286,11 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         cfg = load_config(run_dir / "config.yaml", overrides)
     else:
         run_dir = Path(out) if out else default_run_dir(cfg)
-        if (run_dir / CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists() and not resume_if_exists:
             raise UserError(f"--out {run_dir}: holds a run already; resume it with "
                             f"`amfs train --resume {run_dir}` or choose another --out")
     trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
+    trainer.remote = remote
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     try:
@@ -231,6 +300,17 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
     finally:
         trainer.close()
     return finish_run(trainer, started, progress, resumed=resume is not None)
+
+
+def _check_same_config(run_dir: Path, cfg: Config) -> None:
+    """Start-or-continue may only continue the run it was asked for: the same config."""
+    stored, given = load_config(run_dir / "config.yaml").to_flat(), cfg.to_flat()
+    diff = [f"{k} (stored {stored[k]!r}, given {given[k]!r})" for k in stored
+            if stored[k] != given[k]]
+    if diff:
+        raise UserError(f"--out {run_dir}: holds a run with another config: {', '.join(diff)}; "
+                        f"continue it as it is with `amfs train --resume {run_dir}`, or choose "
+                        f"another --out")
 
 
 def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra) -> dict:
@@ -249,4 +329,6 @@ def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra
     if "mse" in test:
         result["test_mse"] = test["mse"]
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if trainer.remote is not None:
+        trainer.remote.push()
     return result

@@ -23,10 +23,9 @@ def tiny() -> list[str]:
 def ray_session():
     """A local Ray cluster for the whole session: 2 CPUs and 2 logical GPUs (placement only)."""
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from amfs_dist.distributed.cluster import start_private_ray
     if not ray.is_initialized():
-        # address="local": always a new private cluster, never one that another `ray start` left
-        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-                 log_to_driver=False)
+        # always a new private cluster on 127.0.0.1, never one that another `ray start` left
+        start_private_ray(num_cpus=2, num_gpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -185,7 +185,7 @@ def test_ray_job_submit_runs_an_experiment_with_workers_inside_cells(head_node, 
     import subprocess
     import sys
 
-    ray_bin, address, env = head_node
+    ray_bin, address, env = head_node[:3]
     out = tmp_path / "exp"
     amfs = shutil.which("amfs", path=env["PATH"])
     entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]

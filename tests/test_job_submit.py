@@ -1,7 +1,9 @@
 """`ray job submit` against a real `ray start --head` cluster (cluster/README.md).
 
 The cluster is this test's own: its own temp dir (so no other `ray.init()` on the machine finds
-it), free ports on 127.0.0.1 and RAY_AUTH_MODE=disabled in its environment and the client's.
+it), free ports, every server on 127.0.0.1 (Ray's single-machine mode: `ray start` alone turns
+--node-ip-address=127.0.0.1 into the machine's outward address) and RAY_AUTH_MODE=disabled in
+its environment and the client's.
 It runs as `ray start --block` in a new session; teardown stops that process, then ends the
 processes of that session that are left, by pid (`ray stop` would stop every Ray cluster on
 the machine, the test session's own included).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from test_ray_cluster import is_loopback, listening_sockets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +86,7 @@ def head_node(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="amfs-ray-", dir="/tmp")  # short: Ray's socket paths
     gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "head.log").open("w")
@@ -107,7 +112,7 @@ def head_node(tmp_path):
                     raise AssertionError("the Ray dashboard did not come up in 60 s: "
                                          + (tmp_path / "head.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield ray_bin, address, env
+        yield ray_bin, address, env, proc
     finally:
         stop_cluster(proc)
         log.close()
@@ -116,7 +121,7 @@ def head_node(tmp_path):
 
 @pytest.mark.ray
 def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
-    ray_bin, address, env = head_node
+    ray_bin, address, env, head = head_node
     run = tmp_path / "run"  # on a multi-node cluster: shared storage (cluster/README.md)
     amfs = shutil.which("amfs", path=env["PATH"])
     entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]
@@ -136,6 +141,12 @@ def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
     assert result["meta_steps"] == 3 and 0.0 <= result["test_accuracy"] <= 1.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["exchange_bytes"] > 0 for r in rows)  # ran on workers
+    # the head's servers (GCS, raylet, dashboard, agents, job supervisor) listen on loopback only
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip()
+             for pid in session_pids(head.pid) if Path(f"/proc/{pid}").exists()}
+    sockets = listening_sockets(names)
+    assert {"gcs_server", "raylet"} <= {names[p] for p, _, _ in sockets}
+    assert all(is_loopback(a) for _, a, _ in sockets), sockets
     assert time.monotonic() - t0 < 240
 
 
@@ -171,4 +182,11 @@ def test_slurm_script_is_valid_bash():
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = script.read_text()
-    assert "RAY_AUTH_MODE" in text and "ray start --head" in text and 'amfs "$@"' in text
+    assert "RAY_AUTH_MODE" in text and 'amfs "$@"' in text
+    # site-neutral: nodes, CPUs and GPUs come from sbatch's command line, never from the script
+    directives = re.findall(r"^#SBATCH\s+(--[\w-]+)", text, re.M)
+    assert not {"--nodes", "--gpus-per-node", "--gres", "--cpus-per-task", "--mem"} & set(directives)
+    assert {"--requeue", "--signal"} <= set(directives) and "#SBATCH --signal=B:USR1@" in text
+    code = re.sub(r"#.*", "", text)
+    assert "hostname --ip-address" not in code  # 127.0.x.1 where /etc/hosts says so (Debian)
+    assert "ray stop" not in code  # it would end every Ray on the node

@@ -62,3 +62,54 @@ def test_weights_are_a_distribution(t, p, seed, normalize):
     assert torch.all(tw.agreement >= -1 - 1e-9) and torch.all(tw.agreement <= 1 + 1e-9)
     summary = tw.summary()
     assert set(summary) == {"weights", "weight_entropy", "agreement_min", "agreement_max"}
+
+
+def _reference_agreement(g: torch.Tensor) -> torch.Tensor:
+    """float64, each row normalised first (exact in float64 for these norms)."""
+    g = g.double()
+    norms = g.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, g / norms.clamp_min(1e-300), torch.zeros_like(g))
+    cos = unit @ unit.T
+    t = g.shape[0]
+    return (cos.sum(1) - cos.diagonal()) / (t - 1)
+
+
+def test_agreement_is_exact_at_any_gradient_scale():
+    """Task gradients of norm 1e-30 .. 1e30 in one float32 matrix: the float32 Gram matrix
+    of the raw rows overflows (NaN) or underflows (0), which made the weights uniform."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(300, generator=gen, dtype=torch.float64)
+    directions = torch.stack([base + s * torch.randn(300, generator=gen, dtype=torch.float64)
+                              for s in (0.3, 0.5, 1.0, 2.0, 0.4, 3.0, 0.2, 1.5)])
+    directions[5] *= -1  # one task that disagrees
+    directions /= directions.norm(dim=1, keepdim=True)
+    for norms in ([1e-30] * 8, [1e20] * 8, [1e30] * 8,
+                  [1e-30, 1.0, 1e20, 1e30, 1e-30, 1.0, 1e20, 1e30]):
+        g = (directions * torch.tensor(norms, dtype=torch.float64)[:, None]).float()
+        assert torch.isfinite(g).all() and (g != 0).any(1).all()
+        a = agreement(g)
+        reference = _reference_agreement(g)
+        torch.testing.assert_close(a, reference, atol=1e-6, rtol=0, msg=str(norms))
+        w = task_weights(g, "cosine", "clip").weights
+        torch.testing.assert_close(w, torch.clamp(reference, min=0) / reference.clamp(min=0).sum(),
+                                   atol=1e-6, rtol=0)
+        assert w[5] == 0.0 and w.max() - w.min() > 0.05  # not the uniform fallback
+
+
+def test_zero_gradient_agrees_with_nothing():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(40, generator=gen) + 0.5 * torch.randn(5, 40, generator=gen)
+    g[2] = 0.0
+    a = agreement(g)
+    assert a[2] == 0.0
+    torch.testing.assert_close(a, _reference_agreement(g), atol=1e-6, rtol=0)
+    assert task_weights(g, "cosine", "clip").weights[2] == 0.0
+
+
+def test_gram_blocks_give_the_unblocked_result(monkeypatch):
+    import amfs_dist.algorithms.outer as outer
+    g = torch.randn(6, 1000, dtype=torch.float64)
+    whole = agreement(g)
+    monkeypatch.setattr(outer, "GRAM_CHUNK", 6 * 7)  # blocks of 7 columns, the last of 6
+    torch.testing.assert_close(agreement(g), whole)
+    torch.testing.assert_close(whole, _reference_agreement(g))

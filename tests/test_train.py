@@ -162,3 +162,45 @@ def test_ctrl_c_keeps_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, capsys
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert json.loads((run / "result.json").read_text())["meta_steps"] == 5
+
+
+def test_resume_if_exists_starts_continues_and_then_only_reports(tiny, tmp_path, capsys):
+    args = tiny + ["train.steps=4", "train.checkpoint_every=2"]
+    straight = run_training(load_config(None, args), out=tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+
+    def stop_at_3(trainer, row):
+        if trainer.step == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):  # the first attempt starts the run (no --out there yet)
+        run_training(load_config(None, args), out=run, progress=False, on_step=stop_at_3,
+                     resume_if_exists=True)
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
+    cli = ["train", "--out", str(run), "--resume-if-exists", "--no-progress", *args]
+    assert main(cli) == 0  # the second continues it from step 3
+    result = json.loads(capsys.readouterr().out)
+    assert result["meta_steps"] == 4 and result["resumed"] is True
+    for name, value in _params(tmp_path / "straight").items():
+        torch.testing.assert_close(_params(run)[name], value, rtol=0, atol=0)
+    assert result["test_accuracy"] == straight["test_accuracy"]
+    # a third, finished: the stored result, nothing retrained or rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(cli) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == stamps
+
+
+def test_resume_if_exists_refuses_another_config_naming_the_keys(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=1"]) == 0
+    capsys.readouterr()
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["train", "--out", str(run), "--resume-if-exists", "--no-progress", *tiny,
+                 "train.steps=2", "kernel.lam=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps (stored 1, given 2)" in err and "kernel.lam (stored 0.1, given 0.5)" in err
+    assert "data.ways" not in err and "Traceback" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == stamps
+    assert main(["train", "--resume-if-exists", "--no-progress", *tiny]) == 2
+    assert "--resume-if-exists needs --out" in capsys.readouterr().err

@@ -145,6 +145,34 @@ def test_bad_sweep_file_errors_name_the_key(tmp_path, capsys):
     assert "not a sweep directory" in capsys.readouterr().err
 
 
+class _Crafted:
+    """Unpickling this creates the file `path` (a stand-in for code run by a crafted pickle)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_loads_tunes_pickled_state_only_with_allow_pickle(tmp_path, capsys):
+    import pickle
+
+    out = tmp_path / "sweep"
+    (out / "tune").mkdir(parents=True)
+    load_sweep(None).save(out / "sweep.yaml")
+    ran = tmp_path / "code-ran"
+    for name in ("tuner.pkl", "trainable.pkl"):
+        (out / "tune" / name).write_bytes(pickle.dumps(_Crafted(ran)))
+    assert amfs(["tune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"amfs: error: --resume {out}:") and "--allow-pickle" in err, err
+    assert not ran.exists()  # nothing was unpickled (and Ray never started)
+    assert amfs(["tune", "--allow-pickle"]) == 2
+    assert "--allow-pickle goes with --resume" in capsys.readouterr().err
+
+
 # -- sweeps (Ray) ----------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
@@ -239,10 +267,12 @@ def test_interrupted_sweep_resumes_trials_from_their_checkpoints(ray_session, tm
         watcher.join()
     err = capsys.readouterr().err
     assert rc == 130, err
-    assert f"amfs tune --resume {out}" in err
+    assert f"amfs tune --resume {out} --allow-pickle" in err
     assert not (out / "trials.csv").exists()
 
-    assert amfs(["tune", "--resume", str(out), "--quiet"]) == 0
+    assert amfs(["tune", "--resume", str(out), "--quiet"]) == 2  # Tune's state is a pickle
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert amfs(["tune", "--resume", str(out), "--allow-pickle", "--quiet"]) == 0
     rows = read_csv_rows(out / "trials.csv")
     assert len(rows) == 2
     assert all(r["status"] == "completed" and int(r["step"]) == 40 for r in rows), rows

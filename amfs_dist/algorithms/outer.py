@@ -24,17 +24,37 @@ class TaskWeights:
                 "agreement_max": float(self.agreement.max())}
 
 
+GRAM_CHUNK = 1 << 22  # elements of one scaled column block (16 MiB in float32)
+
+
 def agreement(vectors: torch.Tensor) -> torch.Tensor:
-    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j); a single task agrees fully with itself (1)."""
+    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j); a single task agrees fully with itself (1).
+
+    A zero vector has no direction: its cosines with every task are 0 (so is its agreement).
+    """
     t = vectors.shape[0]
     if t == 1:
         return torch.ones(1, dtype=torch.float64, device=vectors.device)
-    # the T x T Gram matrix in the vectors' own precision (no float64 copy of T x P), then
-    # the normalisation in float64
-    gram = (vectors @ vectors.T).double()
-    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
-    cos = (gram / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)  # float32 rounding
+    gram = scaled_gram(vectors)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    cos = cos.clamp(-1.0, 1.0)  # float32 rounding
     return (cos.sum(1) - cos.diagonal()) / (t - 1)
+
+
+def scaled_gram(vectors: torch.Tensor) -> torch.Tensor:
+    """The float64 Gram matrix of the rows divided by their largest |entry|: cosines are the
+    same as the rows', but a float32 Gram of raw gradients overflows (NaN) at norms ~1e19 and
+    underflows (0) below ~1e-22. Column blocks bound the scaled copy to GRAM_CHUNK elements."""
+    t, p = vectors.shape
+    scale = torch.linalg.vector_norm(vectors, ord=float("inf"), dim=1)  # exact in any dtype
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]  # zero rows stay 0
+    gram = torch.zeros(t, t, dtype=torch.float64, device=vectors.device)
+    step = max(1, GRAM_CHUNK // t)
+    for start in range(0, p, step):
+        block = vectors[:, start:start + step] / scale  # |entries| <= 1: no overflow
+        gram += (block @ block.T).double()
+    return gram
 
 
 def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",

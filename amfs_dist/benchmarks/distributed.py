@@ -68,16 +68,18 @@ def register(sub) -> None:
 
 
 def _ensure_ray(num_cpus: float | None = None):
-    """Join the running cluster, or start a local one with at least `num_cpus` logical CPUs
-    (idle workers of the settings not being timed hold CPUs without using them)."""
+    """Join RAY_ADDRESS's cluster, or start a private one (distributed.cluster) with at least
+    `num_cpus` logical CPUs (idle workers of the settings not being timed hold CPUs without
+    using them)."""
     import ray
+
+    from amfs_dist.distributed.cluster import init_ray
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray runs worker processes at nice 15; the in-process baseline runs at the driver's
         # niceness. Equal priority, so that other load on the machine does not favour W=0.
         os.environ.setdefault("RAY_worker_niceness", "0")
         cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        init_ray(log_to_driver=False, num_cpus=cpus)
     return ray
 
 

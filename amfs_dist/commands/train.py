@@ -1,4 +1,4 @@
-"""`amfs train [--config FILE] [--out DIR] [--resume RUN_DIR] [key=value ...]`."""
+"""`amfs train [--config FILE] [--out DIR [--resume-if-exists]] [--resume RUN_DIR] [key=value ...]`."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,13 @@ def register(sub) -> None:
                        description="Meta-train and evaluate; with no arguments, AMFS on the "
                                    "embedded synthetic glyphs, in-process.")
     p.add_argument("--config", help="YAML config file (keys as in `key=value`)")
-    p.add_argument("--out", help="run directory (default runs/METHOD-TIMESTAMP)")
+    p.add_argument("--out", help="run directory or s3:// / gs:// URI (default "
+                                 "runs/METHOD-TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="with --out: continue the run in --out if there is one (the same config "
+                        "required; a finished run's result is printed again), else start it. "
+                        "For launchers that may run the same command twice (requeue, retry)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
@@ -24,8 +29,11 @@ def run(args) -> int:
     if args.resume and (args.config or args.out):
         raise UserError("--resume takes the run's own config.yaml and directory; "
                         "drop --config/--out (key=value overrides are allowed)")
+    if args.resume_if_exists and not args.out:
+        raise UserError("--resume-if-exists needs --out (the run to start or continue)")
     cfg = None if args.resume else load_config(args.config, args.overrides)
     result = run_training(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
-                          overrides=args.overrides if args.resume else None)
+                          overrides=args.overrides if args.resume else None,
+                          resume_if_exists=args.resume_if_exists)
     print(json.dumps(result))
     return 0

@@ -49,19 +49,25 @@ def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
     return [list(task_ids[w::workers]) for w in range(workers)]
 
 
-def _init_ray():
-    """Connect to the cluster (RAY_ADDRESS, or the one `ray start` left), or start a local one.
+def _init_ray() -> bool:
+    """Join RAY_ADDRESS's cluster or start a private loopback-only one (distributed.cluster);
+    True when this process connected here (close() then shuts Ray down)."""
+    from amfs_dist.distributed.cluster import init_ray
+    return init_ray(log_to_driver=True)
 
-    A cluster started here gets RAY_AUTH_MODE=disabled unless the environment says otherwise:
-    Ray >= 2.59 turns token auth on for local clusters by itself, and a later `ray start` /
-    `ray job submit` on the same machine would then disagree (DESIGN 5).
-    """
+
+def _check_workers_fit(cfg: Config) -> None:
+    """Refuse at once shard workers the cluster can never place. Inside a placement group (a
+    Tune trial) the group was checked when the sweep started and holds the workers' bundles."""
     import ray
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=True)
-    return True
+    if ray.util.get_current_placement_group() is not None:
+        return
+    from amfs_dist.distributed.cluster import check_resources
+    d = cfg.dist
+    worker = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+    check_resources([worker] * d.workers,
+                    f"dist.workers={d.workers} x (dist.cpus_per_worker={d.cpus_per_worker:g}, "
+                    f"dist.gpus_per_worker={d.gpus_per_worker:g})")
 
 
 class RayBackend:
@@ -87,6 +93,7 @@ class RayBackend:
         self._fresh = [True] * self.num_workers
         self._round = 0
         try:
+            _check_workers_fit(cfg)  # before any actor: they would wait for dist.timeout_s
             self.workers = [self._new_actor(w) for w in range(self.num_workers)]
             self.info = self._gather({w: (lambda w=w: self.workers[w].info.remote())
                                       for w in range(self.num_workers)}, what="start", work=False)

@@ -47,19 +47,15 @@ def run_cell(cell_dir: str, values: dict, evals: dict[str, list[str]]) -> dict:
     cell.json; returns it."""
     from amfs_dist.config import resolve
     from amfs_dist.evaluate import eval_run
-    from amfs_dist.train import CHECKPOINT, run_training
+    from amfs_dist.train import run_training
 
     reset_peak_rss()
     run = Path(cell_dir)
     info_path = run / CELL_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    trained = False
-    if not (run / "result.json").is_file():
-        if (run / CHECKPOINT).is_file():
-            run_training(resume=run, progress=False)
-        else:
-            run_training(resolve({}, values), out=run, progress=False)
-        trained = True
+    trained = not (run / "result.json").is_file()
+    if trained:  # start, or continue from the checkpoint a stopped cell left
+        run_training(resolve({}, values), out=run, progress=False, resume_if_exists=True)
     done = info.get("evals", {})
     for name, overrides in evals.items():
         if name not in done:
@@ -161,15 +157,20 @@ def _run_on_ray(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from tqdm.auto import tqdm
 
-    from amfs_dist.tune.sweep import ensure_ray
+    from amfs_dist.distributed.cluster import check_resources, init_ray
+    from amfs_dist.tune.sweep import _pythonpath
 
-    started_here = ensure_ray()
+    started_here = init_ray(log_to_driver=False,
+                            runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     task = ray.remote(max_retries=0)(run_cell)
     pending, groups, failed = {}, {}, {}
     bar = tqdm(total=total, initial=total - len(todo), desc=f"experiment {spec.name}",
                unit="cell", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
-        _check_fits(spec, todo, ray.cluster_resources())
+        for cell in todo:  # a cell the cluster can never hold would wait for ever: say so now
+            check_resources(spec.bundles(cell.values), f"cell {cell.name} (resources: "
+                            f"cpus={spec.cpus:g}, gpus={spec.gpus:g}; dist.workers="
+                            f"{cell.values['dist.workers']})")
         for cell in todo:
             bundles = spec.bundles(cell.values)
             pg = placement_group(bundles, strategy="PACK")
@@ -205,14 +206,3 @@ def _run_on_ray(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
         if started_here:
             ray.shutdown()
     return failed
-
-
-def _check_fits(spec: ExperimentSpec, cells: list[Cell], cluster: dict) -> None:
-    """A cell needing more than the whole cluster has would wait forever: say so now."""
-    for cell in cells:
-        bundles = spec.bundles(cell.values)
-        for res in ("CPU", "GPU"):
-            need = sum(b.get(res, 0.0) for b in bundles)
-            if need > cluster.get(res, 0.0):
-                raise UserError(f"cell {cell.name} needs {need:g} {res} (resources and "
-                                f"dist.workers), the Ray cluster has {cluster.get(res, 0.0):g}")

@@ -20,9 +20,13 @@ def register(sub) -> None:
                     "local one.")
     p.add_argument("--config", metavar="SWEEP_YAML",
                    help="sweep file: base (config), search (space), sweep (settings)")
-    p.add_argument("--out", help="sweep directory (default sweeps/NAME-TIMESTAMP)")
+    p.add_argument("--out", help="sweep directory or s3:// / gs:// URI (default "
+                                 "sweeps/NAME-TIMESTAMP)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue an interrupted sweep in DIR (its own sweep.yaml)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --resume: load Ray Tune's saved state, which is a pickle (it can "
+                        "run code when loaded): only for sweep directories you trust")
     p.add_argument("--restart-errored", action="store_true",
                    help="with --resume: rerun errored trials from scratch instead of from "
                         "their latest checkpoints")
@@ -42,13 +46,16 @@ def run(args) -> int:
                             "drop --config, --out and key=value")
         from amfs_dist.tune.sweep import print_summary, resume_sweep
         summary = resume_sweep(args.resume, progress=not args.quiet,
-                               restart_errored=args.restart_errored)
+                               restart_errored=args.restart_errored,
+                               allow_pickle=args.allow_pickle)
         print_summary(summary)
         return 0 if "best_trial" in summary else 1
     if args.restart_errored:
         raise UserError("--restart-errored goes with --resume")
+    if args.allow_pickle:
+        raise UserError("--allow-pickle goes with --resume")
     spec = load_sweep(args.config, args.overrides)  # every error here comes before Ray starts
-    out = Path(args.out) if args.out else (
+    out = args.out or (
         Path("sweeps") / f"{spec.settings.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from amfs_dist.tune.sweep import print_summary, run_sweep
     summary = run_sweep(spec, out, progress=not args.quiet)

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from amfs_dist.config import resolve
+from amfs_dist.storage import RemoteRun, is_uri
 from amfs_dist.tune.space import SweepSpec
 
 CKPT_FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl")
@@ -86,10 +87,18 @@ def collect(grid, spec: SweepSpec) -> list[TrialRecord]:
             score=float(score) if _finite(score) else None,
             best_score=float(best) if best is not None else None,
             params={k: config.get(k) for k in spec.search}, config=config,
-            checkpoint=r.checkpoint.path if r.checkpoint is not None else None,
+            checkpoint=_location(r.checkpoint) if r.checkpoint is not None else None,
             resumed_from=int(m.get("resumed_from") or 0), trial_s=m.get("trial_s"),
             error=_error_line(r.error) if r.error is not None else None))
     return records
+
+
+def _location(checkpoint) -> str:
+    """A Tune checkpoint's local path, or its URI when it is on object storage."""
+    kind = checkpoint.filesystem.type_name  # "local", "s3" or "gcs"
+    if kind == "local":
+        return checkpoint.path
+    return f"{'gs' if kind == 'gcs' else kind}://{checkpoint.path}"
 
 
 def rank(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
@@ -225,10 +234,13 @@ def evaluate_best(best: TrialRecord, spec: SweepSpec, out: Path) -> dict:
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    for name in CKPT_FILES:
-        src = Path(best.checkpoint) / name
-        if src.is_file():
-            shutil.copy2(src, run / name)
+    if is_uri(best.checkpoint):  # the sweep's --out is on object storage
+        RemoteRun(best.checkpoint, run).pull(CKPT_FILES)
+    else:
+        for name in CKPT_FILES:
+            src = Path(best.checkpoint) / name
+            if src.is_file():
+                shutil.copy2(src, run / name)
     episodes = spec.settings.test_episodes
     d = spec.base.dist
     gpus = spec.settings.trial_gpus or (d.gpus_per_worker if d.workers else 0)

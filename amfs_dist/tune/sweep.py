@@ -20,10 +20,14 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from pyarrow.fs import FileType
 
 from amfs_dist.config import resolve, save_config
 from amfs_dist.errors import UserError
+from amfs_dist.storage import is_uri, staged_run
 from amfs_dist.tune.space import SweepSpec, load_sweep
 
 SWEEP_FILE = "sweep.yaml"
@@ -132,7 +136,7 @@ def _points(spec: SweepSpec) -> list[dict]:
     return [flatten(p) for p in spec.settings.points_to_evaluate]
 
 
-def make_tuner(spec: SweepSpec, out: Path, progress: bool):
+def make_tuner(spec: SweepSpec, out: Path | str, progress: bool):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -158,7 +162,7 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _run_config(spec: SweepSpec, out: Path, progress: bool):
+def _run_config(spec: SweepSpec, out: Path | str, progress: bool):
     from ray import tune
     s = spec.settings
     return tune.RunConfig(
@@ -183,18 +187,25 @@ def make_reporter(spec: SweepSpec):
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-def ensure_ray() -> bool:
-    """Connect to RAY_ADDRESS's cluster, or start a local one; True when we started it."""
-    import ray
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or "local"  # local: a new cluster, never a stray one
-    if address == "local":
-        # a local cluster this process owns: Ray >= 2.59 would turn token auth on by itself
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
-    return True
+@contextmanager
+def sweep_ray(spec: SweepSpec):
+    """Ray for the sweep: RAY_ADDRESS's cluster, else a private one on 127.0.0.1 that ends with
+    the sweep (distributed.cluster). A trial's placement group the cluster can never hold is
+    refused here, at once: Tune would leave the trials pending for ever."""
+    from amfs_dist.distributed.cluster import check_resources, init_ray
+    started = init_ray(log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
+    try:
+        s, d = spec.settings, spec.base.dist
+        check_resources(spec.bundles(), f"a trial (sweep.trial_cpus={s.trial_cpus:g}, "
+                        f"sweep.trial_gpus={s.trial_gpus:g}, dist.workers={d.workers} x "
+                        f"(dist.cpus_per_worker={d.cpus_per_worker:g}, "
+                        f"dist.gpus_per_worker={d.gpus_per_worker:g}))")
+        yield
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
 
 
 def _pythonpath() -> str:
@@ -217,24 +228,55 @@ def _tune_env() -> None:
 
 # -- entry points ---------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
-    """Run a new sweep into `out`; returns the summary dict (see results.write_results)."""
+    """Run a new sweep into `out`; returns the summary dict (see results.write_results).
+    An s3:// or gs:// `out` holds Tune's experiment directly (storage_path); the results are
+    written into a local copy and uploaded at the end."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            if remote.info(SWEEP_FILE).type != FileType.NotFound or \
+                    remote.info(EXPERIMENT).type != FileType.NotFound:
+                raise UserError(f"--out {remote.uri}: holds a sweep already; continue it with "
+                                f"`amfs tune --resume {remote.uri} --allow-pickle` or choose "
+                                f"another --out")
+            with sweep_ray(spec):
+                spec.save(remote.local / SWEEP_FILE)
+                remote.push([SWEEP_FILE])
+                try:
+                    return _fit(spec, remote.local, progress,
+                                lambda: make_tuner(spec, remote.uri, progress))
+                finally:
+                    remote.push(None)
     out = Path(out).resolve()
     if (out / EXPERIMENT).exists() or (out / SWEEP_FILE).exists():
         raise UserError(f"--out {out}: holds a sweep already; continue it with "
-                        f"`amfs tune --resume {out}` or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    spec.save(out / SWEEP_FILE)
-    return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
+                        f"`amfs tune --resume {out} --allow-pickle` or choose another --out")
+    with sweep_ray(spec):  # before anything is written: a bad request leaves no sweep dir
+        out.mkdir(parents=True, exist_ok=True)
+        spec.save(out / SWEEP_FILE)
+        return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
 
 
-def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False) -> dict:
+def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
+                 allow_pickle: bool = False, storage: str | None = None) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
-    errored ones too (or from scratch with restart_errored)."""
+    errored ones too (or from scratch with restart_errored). Tune's saved state is a pickle:
+    it is loaded only with allow_pickle (--allow-pickle)."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            try:
+                return resume_sweep(remote.local, progress, restart_errored, allow_pickle,
+                                    remote.uri)
+            finally:
+                remote.push(None)
     out = Path(out).resolve()
     if not (out / SWEEP_FILE).is_file():
         raise UserError(f"--resume {out}: not a sweep directory (no {SWEEP_FILE})")
     spec = load_sweep(out / SWEEP_FILE)
-    exp = out / EXPERIMENT
+    if not allow_pickle:
+        raise UserError(f"--resume {out}: continuing a sweep loads Ray Tune's saved state "
+                        f"({out / EXPERIMENT}/*.pkl), a pickle that can run code when loaded; "
+                        f"pass --allow-pickle if you trust {out}")
+    exp = f"{storage}/{EXPERIMENT}" if storage else out / EXPERIMENT  # storage: the URI
 
     def factory():
         from ray import tune
@@ -244,7 +286,8 @@ def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool =
         return tune.Tuner.restore(str(exp), trainable=make_trainable(spec),
                                   resume_unfinished=True, resume_errored=not restart_errored,
                                   restart_errored=restart_errored)
-    return _fit(spec, out, progress, factory)
+    with sweep_ray(spec):
+        return _fit(spec, out, progress, factory)
 
 
 def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
@@ -254,37 +297,32 @@ def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
     import warnings
     # a trial resumed from a checkpoint re-reports validations Optuna has already seen
     warnings.filterwarnings("ignore", message="The reported value is ignored because")
-    started_here = ensure_ray()
     t0 = time.perf_counter()
+    tuner = tuner_factory()
     try:
-        tuner = tuner_factory()
-        try:
-            grid = tuner.fit()
-        except (UserError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            import traceback
-            (out / "error.txt").write_text(traceback.format_exc())
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            hint = (f"continue with `amfs tune --resume {out}`"
-                    if (out / EXPERIMENT).is_dir() else "nothing to resume")
-            raise SweepFailed(f"the sweep failed: {type(e).__name__}: "
-                              f"{lines[0][:300] if lines else ''} (traceback in "
-                              f"{out / 'error.txt'}; {hint})") from e
-        # a trial is over when it errored or its last result is final (done: it returned, or
-        # ASHA stopped it); after Ctrl+C the others are left running in the saved state
-        unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
-        unfinished += max(0, spec.settings.num_samples - len(grid))
-        if unfinished:
-            raise SweepInterrupted(
-                f"sweep interrupted with {unfinished} of {spec.settings.num_samples} trials "
-                f"unfinished; its state is saved: continue with `amfs tune --resume {out}`")
-        trials = collect(grid, spec)
-        summary = write_results(trials, spec, out, wall_s=time.perf_counter() - t0)
-    finally:
-        if started_here:
-            import ray
-            ray.shutdown()
+        grid = tuner.fit()
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        import traceback
+        (out / "error.txt").write_text(traceback.format_exc())
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        hint = (f"continue with `amfs tune --resume {out} --allow-pickle`"
+                if (out / EXPERIMENT).is_dir() else "nothing to resume")
+        raise SweepFailed(f"the sweep failed: {type(e).__name__}: "
+                          f"{lines[0][:300] if lines else ''} (traceback in "
+                          f"{out / 'error.txt'}; {hint})") from e
+    # a trial is over when it errored or its last result is final (done: it returned, or
+    # ASHA stopped it); after Ctrl+C the others are left running in the saved state
+    unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
+    unfinished += max(0, spec.settings.num_samples - len(grid))
+    if unfinished:
+        raise SweepInterrupted(
+            f"sweep interrupted with {unfinished} of {spec.settings.num_samples} trials "
+            f"unfinished; its state is saved: continue with "
+            f"`amfs tune --resume {out} --allow-pickle`")
+    trials = collect(grid, spec)
+    summary = write_results(trials, spec, out, wall_s=time.perf_counter() - t0)
     return summary
 
 

@@ -1,0 +1,133 @@
+"""Which Ray cluster a command uses, and whether it can ever grant what the command asks for.
+
+- `init_ray`: join the cluster RAY_ADDRESS names (`ray job submit` sets it for its jobs), and
+  only that one; without RAY_ADDRESS start a private Ray instance that listens on 127.0.0.1
+  only, never the cluster some earlier `ray start` on the machine registered (DESIGN 5).
+- `check_resources`: a request no node can hold would make Ray wait forever (the shard workers
+  until dist.timeout_s, a Tune trial's placement group for ever): refuse it at once, saying
+  what was asked and what the cluster has.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from contextlib import contextmanager, nullcontext
+
+from amfs_dist.errors import UserError
+
+EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
+
+
+def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **local) -> bool:
+    """Connect this process to Ray; True when this call connected it (the caller shuts Ray
+    down when done), False when it was connected already. `local`: ray.init settings (e.g.
+    num_cpus) for a private instance, unused when joining RAY_ADDRESS's cluster."""
+    import ray
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # asked for: its auth mode is that cluster's business
+        # a private instance on 127.0.0.1 (this module's, or a loopback `ray start`) is joined
+        # as one: otherwise Ray turns 127.0.0.1 into the machine's outward address
+        with _loopback_node() if _is_loopback(_host(address)) else nullcontext():
+            ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
+    else:
+        start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
+    return True
+
+
+def start_private_ray(**init_kwargs) -> None:
+    """A new Ray instance of this process's own (never one that `ray start` left), whose every
+    server listens on 127.0.0.1 only; `init_kwargs` go to ray.init."""
+    import ray
+    # Ray >= 2.59 turns token auth on by itself for a new instance, and a later `ray start` /
+    # `ray job submit` of the user would disagree with it; loopback binding keeps it private
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with _loopback_node():
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                 **init_kwargs)
+    host = _host(ray.get_runtime_context().gcs_address)
+    if not _is_loopback(host):  # a Ray release that binds otherwise
+        ray.shutdown()
+        raise RuntimeError(f"the private Ray instance came up on {host}, not on 127.0.0.1; "
+                           f"refusing to run an instance other machines can reach (set "
+                           f"RAY_ADDRESS to use a cluster of your own)")
+
+
+@contextmanager
+def _loopback_node():
+    """Ray takes the machine's outward address as the node's address (ray.init turns an explicit
+    127.0.0.1 into it too) and then binds its GCS, raylet, worker and agent servers to every
+    interface. With Ray's multi-node mode off (its RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read
+    when Ray is imported) the node's address is 127.0.0.1, and every server binds to it."""
+    from ray._private import ray_constants
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _host(address: str) -> str:
+    """'127.0.0.1:6379' -> '127.0.0.1', '[::1]:6379' -> '::1', 'auto' -> 'auto'."""
+    return address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or 'auto'
+        return False
+
+
+def check_resources(bundles: list[dict[str, float]], what: str) -> None:
+    """Raise UserError if the cluster can never place `bundles` (each on one node, all of them
+    together): `what` names the request, e.g. 'dist.workers=2 x dist.gpus_per_worker=1'."""
+    import ray
+    need = _total(bundles)
+    asked = f"{what} asks for {_fmt(need)}"
+    if len(bundles) > 1:
+        asked += f" ({_fmt({k: max(b.get(k, 0.0) for b in bundles) for k in need})} on one node)"
+    maximum = _autoscaling_maximum()
+    if maximum is not None:  # nodes come and go: only the most it can grow to is a limit
+        if any(v > maximum.get(k, 0.0) + EPS for k, v in need.items()):
+            raise UserError(f"{asked}, but this autoscaling cluster grows to at most "
+                            f"{_fmt({k: maximum.get(k, 0.0) for k in need})}")
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    fits_total = all(v <= total.get(k, 0.0) + EPS for k, v in need.items())
+    fits_node = all(any(all(v <= node.get(k, 0.0) + EPS for k, v in b.items()) for node in nodes)
+                    for b in bundles)
+    if not (fits_total and fits_node):
+        has = _fmt({k: total.get(k, 0.0) for k in need})
+        if len(nodes) > 1:
+            biggest = {k: max(node.get(k, 0.0) for node in nodes) for k in need}
+            has += f", at most {_fmt(biggest)} on one node"
+        free = ray.available_resources()
+        raise UserError(f"{asked}, but the cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}, "
+                        f"not autoscaling) has {has} ({_fmt({k: free.get(k, 0.0) for k in need})} "
+                        f"free now)")
+
+
+def _autoscaling_maximum() -> dict[str, float] | None:
+    """What an autoscaling cluster can grow to, from the node types its autoscaler publishes in
+    the GCS (as Ray Train checks); None for a cluster of fixed size."""
+    try:
+        from ray._private import state
+        return state.state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or newer Ray without it: judge by the current nodes
+        return None
+
+
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items()) or "nothing"

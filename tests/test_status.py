@@ -1,0 +1,52 @@
+"""`amfs status`: a run in progress, a finished run, and a path that is no run."""
+import json
+import os
+import time
+
+import pytest
+
+from amfs_dist.cli import main
+from amfs_dist.config import load_config
+from amfs_dist.train import CHECKPOINT, run_training
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _status(capsys, run) -> dict:
+    assert main(["status", str(run)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_status_of_a_run_in_progress_then_finished(tiny, tmp_path, capsys):
+    cfg = load_config(None, tiny + ["train.steps=4", "train.val_every=2"])
+    run = tmp_path / "run"
+
+    def stop_at_3(trainer, row):
+        if trainer.step == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        run_training(cfg, out=run, progress=False, on_step=stop_at_3)
+    hour_ago = time.time() - 3600
+    os.utime(run / CHECKPOINT, (hour_ago, hour_ago))
+    status = _status(capsys, run)
+    assert status["step"] == 3 and status["steps"] == 4 and status["finished"] is False
+    assert status["result"] is None and status["method"] == "amfs"
+    assert 3600 <= status["checkpoint_age_s"] < 3600 + 120
+    assert status["last_metrics"]["step"] == 3 and "loss" in status["last_metrics"]
+    assert status["last_validation"]["step"] == 2
+    assert 0 <= status["last_validation"]["val_accuracy"] <= 1
+
+    result = run_training(resume=run, progress=False)
+    status = _status(capsys, run)
+    assert status["step"] == 4 and status["finished"] is True and status["result"] == result
+    assert status["last_validation"]["step"] == 4 and status["checkpoint_age_s"] < 120
+
+
+def test_status_of_a_path_that_is_no_run_is_one_line(tmp_path, capsys):
+    for path in (tmp_path, tmp_path / "missing"):
+        assert main(["status", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"amfs: error: {path}: not a run directory (no config.yaml)\n"

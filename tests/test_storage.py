@@ -1,0 +1,219 @@
+"""Run directories and data stores on object storage, against a real S3 HTTP server (moto)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from amfs_dist.cli import main
+from amfs_dist.data.episodes import ImageSet
+from amfs_dist.data.store import write_store
+from amfs_dist.train import CHECKPOINT
+
+pafs = pytest.importorskip("pyarrow.fs")
+pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 endpoint")
+
+BUCKET = "amfs-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on 127.0.0.1 (moto's server, stopped by its PID), one bucket, and the
+    environment that points pyarrow at it; yields a pyarrow S3FileSystem to inspect it with."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="testing", secret_key="testing", region="us-east-1",
+                               allow_bucket_creation=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs.create_dir(BUCKET)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield fs
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _files(fs, prefix: str) -> dict[str, int]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", allow_not_found=True))
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _read(fs, path: str) -> bytes:
+    with fs.open_input_stream(f"{BUCKET}/{path}") as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, monkeypatch):
+    from amfs_dist.train import Trainer
+    monkeypatch.chdir(tmp_path)  # a local folder named "s3:" would appear here
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/runs/a"
+    args = [*tiny, "train.steps=4", "train.checkpoint_every=2"]
+    real_step = Trainer.train_step
+
+    def interrupt_at_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_3)
+    assert main(["train", "--out", uri, "--no-progress", *args]) == 130
+    assert f"amfs train --resume {uri}" in capsys.readouterr().err
+    assert set(_files(s3, "runs/a")) == {"config.yaml", "metrics.jsonl", CHECKPOINT}
+    ckpt = torch.load(io.BytesIO(_read(s3, f"runs/a/{CHECKPOINT}")),
+                      weights_only=True)
+    assert ckpt["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(["status", uri]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["run"] == uri and status["step"] == 3 and status["finished"] is False
+    assert 0 <= status["checkpoint_age_s"] < 300
+
+    assert main(["train", "--resume", uri, "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["meta_steps"] == 4
+    assert set(_files(s3, "runs/a")) == {"config.yaml", "metrics.jsonl", CHECKPOINT,
+                                         "model.pt", "result.json"}
+    assert json.loads(_read(s3, "runs/a/result.json")) == result
+    rows = [json.loads(line) for line in _read(s3, "runs/a/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob("s3*")) and os.listdir(tmp_path) == ["cache"]
+    assert os.listdir(tmp_path / "cache" / "staging") == []  # local copies are removed
+
+    # the same parameters as one uninterrupted local run
+    straight = tmp_path / "straight"
+    assert main(["train", "--out", str(straight), "--no-progress", *args]) == 0
+    capsys.readouterr()
+    remote_model = torch.load(io.BytesIO(_read(s3, "runs/a/model.pt")),
+                              weights_only=True)["model"]
+    for name, value in torch.load(straight / "model.pt", weights_only=True)["model"].items():
+        torch.testing.assert_close(remote_model[name], value, rtol=0, atol=0)
+
+    # start-or-continue on the finished run only reports it
+    assert main(["train", "--out", uri, "--resume-if-exists", "--no-progress", *args]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+
+    assert main(["eval", uri, "--episodes", "3"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["run"] == uri and evaluated["test_episodes"] == 3
+
+
+def test_a_store_on_s3_is_a_data_source(s3, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), 4)
+    data = ImageSet(images=rng.integers(0, 256, (len(labels), 1, 16, 16), dtype=np.uint8),
+                    labels=labels, class_names=[f"c{i}" for i in range(12)],
+                    splits={"train": np.arange(6), "val": np.arange(6, 9),
+                            "test": np.arange(9, 12)}, groups=[""] * 12)
+    write_store(tmp_path / "store", data, source="unit", split_name="fixed")
+    pafs.copy_files(str(tmp_path / "store"), f"{BUCKET}/stores/unit", destination_filesystem=s3)
+    uri = f"s3://{BUCKET}/stores/unit"
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=1",
+                 f"data.source={uri}"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_source"] == uri
+    cached = list((tmp_path / "cache" / "stores").iterdir())
+    assert len(cached) == 1 and sorted(os.listdir(cached[0])) == ["data.arrow", "manifest.json"]
+    assert (cached[0] / "data.arrow").read_bytes() == (tmp_path / "store/data.arrow").read_bytes()
+    stamp = (cached[0] / "data.arrow").stat().st_mtime_ns
+    assert main(["eval", str(run), "--episodes", "3"]) == 0  # the cached copy, not downloaded again
+    assert (cached[0] / "data.arrow").stat().st_mtime_ns == stamp
+    assert main(["train", "--out", str(tmp_path / "r2"), *tiny,
+                 f"data.source=s3://{BUCKET}/stores/none"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/run", "s4://bucket/run"])
+def test_an_unknown_scheme_is_one_line_and_exit_2(uri, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--out", uri, "--no-progress", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unsupported storage scheme" in err and uri in err
+    assert main(["train", "--out", str(tmp_path / "r"), *tiny, f"data.source={uri}"]) == 2
+    assert "unsupported storage scheme" in capsys.readouterr().err
+    assert os.listdir(tmp_path) in ([], ["cache"]) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
+    """`amfs tune --out s3://...`: Tune's experiment and the results go to the bucket. A
+    subprocess with its own local Ray, so that its trials inherit the S3 environment."""
+    import yaml
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"data.image_size": 16, "data.ways": 3, "data.queries": 2, "model.width": 8,
+                 "train.meta_batch": 2, "train.steps": 2, "train.val_every": 2,
+                 "train.val_episodes": 2, "eval.queries": 2, "eval.batch": 3,
+                 "train.device": "cpu"},
+        "search": {"kernel.lam": {"loguniform": [0.01, 1.0]}},
+        "sweep": {"name": "s3", "num_samples": 2, "max_concurrent_trials": 1, "seed": 0,
+                  "scheduler": "fifo", "test_episodes": 3}}))
+    uri = f"s3://{BUCKET}/sweeps/a"
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--config", str(sweep),
+                           "--out", uri, "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")
+    files = _files(s3, "sweeps/a")
+    assert {"sweep.yaml", "result.json", "trials.csv", "best.yaml"} <= set(files)
+    assert {"model.pt", "result.json", "checkpoint.pt"} <= set(_files(s3, "sweeps/a/best-run"))
+    trials = [i for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/a/tune"))
+              if i.base_name.startswith("trial_")]
+    assert len(trials) == 2
+    result = json.loads(_read(s3, "sweeps/a/result.json"))
+    assert result["trials"] == 2 and result["test"]["meta_steps"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["sweep.yaml"]  # nothing local, no "s3:" folder
+    # --resume reads sweep.yaml and Tune's state from the bucket (a finished sweep: no new trial)
+    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--resume", uri, "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")
+    assert json.loads(_read(s3, "sweeps/a/result.json"))["best_trial"] == result["best_trial"]
+
+    assert main(["tune", "--config", str(sweep), "--out", uri, "--quiet"]) == 2
+    assert f"--out {uri}: holds a sweep already" in capsys.readouterr().err
+    assert main(["eval", f"{uri}/best-run", "--episodes", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_episodes"] == 3
+
+
+def test_gs_uris_map_to_pyarrow_gcs():  # s3:// has the moto tests; GCS has no local server
+    from amfs_dist.storage import filesystem
+    fs, path = filesystem("gs://bucket/runs/a/")  # no I/O yet
+    assert fs.type_name == "gcs" and path == "bucket/runs/a"
