@@ -5,18 +5,24 @@ meta-gradients, drops tasks whose gradient is not finite, asks `weigh` for the w
 rest (O-AMFS or the mean: the backend does not know which), and returns G = sum_i w_i g_i.
 InProcessBackend is dist.workers=0; the Ray backend (amfs_dist.distributed) spreads the same
 work over shard workers, each of which runs an InProcessBackend's `task_gradients`.
+
+An UpdateBackend (dist.exchange=collective) also owns the optimiser step: its workers hold
+replicas of the parameters and Adam state and update them themselves, so the trainer calls
+`step` instead of `direction` and moves the state in and out only with `load_state`/`state`.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
 
 from amfs_dist.algorithms.learner import MetaLearner, TaskGradients
-from amfs_dist.algorithms.outer import TaskWeights, combine
+from amfs_dist.algorithms.outer import TaskWeights, block_gram, combine
 from amfs_dist.config import Config
+from amfs_dist.data.episodes import Episodes
 
 Weigh = Callable[[torch.Tensor], TaskWeights]
 
@@ -29,10 +35,15 @@ class StepResult:
     finite: torch.Tensor            # [T] bool
     weights: TaskWeights | None     # over the finite tasks
     timings: dict[str, float] = field(default_factory=dict)
+    updated: bool = False           # an UpdateBackend applied the step itself (no direction)
 
     @property
     def bad_tasks(self) -> int:
         return int((~self.finite).sum())
+
+    @property
+    def skipped(self) -> bool:
+        return self.direction is None and not self.updated
 
 
 class GradientBackend(Protocol):
@@ -40,6 +51,43 @@ class GradientBackend(Protocol):
                   weigh: Weigh) -> StepResult: ...
 
     def close(self) -> None: ...
+
+
+class UpdateBackend(Protocol):
+    """A backend whose workers hold the parameters and optimiser state and apply the update."""
+
+    owns_update: bool  # True
+
+    def step(self, step: int, task_ids: Sequence[int], weigh: Weigh) -> StepResult: ...
+
+    def load_state(self, state: dict) -> None: ...  # {"model", "optimizer", "step"}
+
+    def state(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def apply_direction(learner: MetaLearner, optimizer: torch.optim.Optimizer,
+                    direction: torch.Tensor) -> None:
+    """One optimiser step along `direction` [P] (the trainer's and every replica's update)."""
+    grads = learner.layout.unflatten(direction.to(learner.device))
+    for name, p in learner.params().items():
+        p.grad = grads[name].to(p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def deterministic_block(cfg: Config) -> int:
+    """train.deterministic: the Gram block size (dist.block_size), else 0 (off)."""
+    return cfg.dist.block_size if cfg.train.deterministic else 0
+
+
+def set_deterministic(cfg: Config) -> None:
+    """train.deterministic: deterministic kernels and one intra-op thread in this process
+    (CPU reductions split over threads round differently with another thread count)."""
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
 
 
 def finite_rows(tg: TaskGradients) -> torch.Tensor:
@@ -51,17 +99,68 @@ def finite_part(rows: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return rows if bool(finite.all()) else rows[finite]
 
 
-def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float]) -> StepResult:
-    """The exact exchange: weights from the full gradients of the finite tasks, then G."""
+def zero_bad_rows(rows: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """The rows with the non-finite ones zeroed (a copy only if there are any)."""
+    return rows if bool(finite.all()) else torch.where(finite[:, None], rows, 0.0)
+
+
+def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float],
+                       block: int = 0) -> StepResult:
+    """The exact exchange: weights from the full gradients of the finite tasks, then G.
+
+    block > 0 (train.deterministic): the Gram matrix of all T rows (bad ones zeroed) summed
+    over fixed blocks (block_gram) and G added in task order, as the collective exchange's
+    workers do, so that both give the same bits whatever the worker count."""
     t0 = time.perf_counter()
     finite = finite_rows(tg)
     weights = direction = None
     if bool(finite.any()):
         good = finite_part(tg.grads, finite)
-        weights = weigh(good)
-        direction = combine(good, weights.weights.to(good.device))
+        if block:
+            gram = block_gram(zero_bad_rows(tg.grads, finite), block)
+            weights = weigh(None, gram=finite_part(finite_part(gram, finite).T, finite))
+            direction = combine(good, weights.weights.to(good.device), ordered=True)
+        else:
+            weights = weigh(good)
+            direction = combine(good, weights.weights.to(good.device))
     timings["weighting_s"] = timings.get("weighting_s", 0.0) + time.perf_counter() - t0
     return StepResult(direction, tg.loss, tg.acc, finite, weights, timings)
+
+
+class Prefetcher:
+    """Draws the next step's episodes (same task ids, step + 1) and moves them to the device in
+    a background thread while this step computes: sampling leaves the critical path (numpy's
+    large copies and torch's conversions release the GIL). Episodes depend on (seed, step,
+    task id) only, so a prefetched batch is the one the step would draw itself."""
+
+    def __init__(self, source, device: torch.device):
+        self.source, self.device = source, device
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="amfs-prefetch")
+        self._next = None  # ((step, task ids), future of (episodes, seconds))
+
+    def _draw(self, step: int, task_ids: tuple) -> tuple[Episodes, float]:
+        t0 = time.perf_counter()
+        ep = self.source.sample("train", step, list(task_ids)).to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return ep, time.perf_counter() - t0
+
+    def episodes(self, step: int, task_ids: Sequence[int]) -> tuple[Episodes, dict[str, float]]:
+        """This step's episodes, and {"sampling_s": time to draw them, "sampling_wait_s": time
+        this call waited for them (the part on the critical path)}."""
+        ids = tuple(int(t) for t in task_ids)
+        t0 = time.perf_counter()
+        if self._next is not None and self._next[0] == (step, ids):
+            ep, sampling = self._next[1].result()
+        else:
+            ep, sampling = self._draw(step, ids)
+        wait = time.perf_counter() - t0
+        self._next = ((step + 1, ids), self._pool.submit(self._draw, step + 1, ids))
+        return ep, {"sampling_s": sampling, "sampling_wait_s": wait}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._next = None
 
 
 class InProcessBackend:
@@ -74,22 +173,23 @@ class InProcessBackend:
             source = make_task_source(cfg)
         self.source = source
         self.learner = learner or MetaLearner(cfg, source.input_shape, device or "cpu")
+        self.prefetcher = Prefetcher(source, self.learner.device)
+        self.block = deterministic_block(cfg)
 
     def task_gradients(self, flat_params: torch.Tensor, step: int, task_ids: Sequence[int]
                        ) -> tuple[TaskGradients, dict[str, float]]:
-        t0 = time.perf_counter()
-        episodes = self.source.sample("train", step, task_ids)
+        episodes, timings = self.prefetcher.episodes(step, task_ids)
         t1 = time.perf_counter()
         tg = self.learner.meta_gradients(self.learner.load_flat(flat_params), episodes)
         if tg.grads.device.type == "cuda":
             torch.cuda.synchronize(tg.grads.device)
-        t2 = time.perf_counter()
-        return tg, {"sampling_s": t1 - t0, "compute_s": t2 - t1}
+        timings["compute_s"] = time.perf_counter() - t1
+        return tg, timings
 
     def direction(self, flat_params, step, task_ids, weigh) -> StepResult:
         tg, timings = self.task_gradients(flat_params, step, task_ids)
         timings["transfer_s"] = 0.0
-        return weighted_direction(tg, weigh, timings)
+        return weighted_direction(tg, weigh, timings, self.block)
 
     def close(self) -> None:
-        pass
+        self.prefetcher.close()

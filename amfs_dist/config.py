@@ -95,10 +95,19 @@ SCHEMA: dict[str, Key] = {
     "train.precision": Key((str,), "fp32", _one_of("fp32", "bf16"), "fp32 or bf16"),
     # tasks per vmapped chunk: bounds the memory of the per-task pass (0: all tasks at once)
     "train.task_chunk": Key((int,), 0, _non_negative, ">= 0 (0: all tasks in one pass)"),
+    # bitwise the same parameters for any dist.workers and dist.exchange (one task per vmapped
+    # chunk, one thread, deterministic kernels, sums in a fixed order): slower
+    "train.deterministic": Key((bool,), False),
     "dist.workers": Key((int,), 0, _non_negative, ">= 0 (0: in-process)"),
     "dist.gpus_per_worker": Key((float,), 0.0, _non_negative, ">= 0"),
     "dist.cpus_per_worker": Key((float,), 1.0, _positive, "> 0"),
-    "dist.exchange": Key((str,), "exact", _one_of("exact", "sketch"), "exact or sketch"),
+    "dist.exchange": Key((str,), "exact", _one_of("exact", "sketch", "collective"),
+                         "exact, sketch or collective"),
+    # collective exchange: what the driver's O-AMFS weights come from
+    "dist.weights_from": Key((str,), "exact", _one_of("exact", "sketch"), "exact or sketch"),
+    # coordinates per block: the collective exchange splits the parameters among its workers
+    # in whole blocks, and the deterministic mode sums the Gram matrix block by block
+    "dist.block_size": Key((int,), 262144, _at_least_one, ">= 1"),
     # cosines from count sketches are off by ~sqrt(2/d): 0.016 at 8192 (distributed/sketch.py)
     "dist.sketch_dim": Key((int,), 8192, _at_least_one, ">= 1"),
     "dist.max_worker_restarts": Key((int,), 3, _non_negative, ">= 0"),

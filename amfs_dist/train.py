@@ -1,8 +1,9 @@
 """Meta-training: the driver loop, checkpoints, resume, validation and the final test.
 
 The driver owns the parameters and the optimiser; a backend (in-process or Ray shards)
-returns each step's update direction. Episodes depend on (seed, step, task id) only and the
-checkpoint holds everything else, so a resumed run ends where an uninterrupted one would.
+returns each step's update direction, or (dist.exchange=collective) applies the update on its
+workers' replicas, and the driver fetches the state only to checkpoint, validate and finish.
+Episodes depend on (seed, step, task id) only and the checkpoint holds everything else, so a resumed run ends where an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.algorithms.outer import task_weights
-from amfs_dist.backend import GradientBackend, InProcessBackend, StepResult
+from amfs_dist.backend import (GradientBackend, InProcessBackend, StepResult, apply_direction,
+                               set_deterministic)
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
-from amfs_dist.errors import RunStopped, UserError
+from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 from amfs_dist.storage import is_uri, staged_run
 
@@ -34,12 +36,6 @@ POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar:
 # Slurm (USR1 before the time limit, TERM on preemption), Kubernetes and `ray job stop` (TERM)
 # and Ctrl-C (INT) all mean: finish this step, checkpoint, exit
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-class TrainingError(UserError):
-    """The run cannot go on (e.g. too many steps without a finite gradient); a checkpoint is kept."""
-
-    exit_code = 1
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -55,13 +51,14 @@ def _atomic_save(obj, path: Path) -> None:
 def make_backend(cfg: Config, learner: MetaLearner, source) -> GradientBackend:
     if cfg.dist.workers == 0:
         return InProcessBackend(cfg, learner, source)
-    from amfs_dist.distributed import RayBackend  # Ray is imported only when asked for
-    return RayBackend(cfg)
+    from amfs_dist.distributed import CollectiveBackend, RayBackend  # Ray only when asked for
+    return (CollectiveBackend if cfg.dist.exchange == "collective" else RayBackend)(cfg)
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, backend: GradientBackend | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        set_deterministic(cfg)
         torch.manual_seed(cfg.seed)
         self.source = make_task_source(cfg)
         self.learner = MetaLearner(cfg, self.source.input_shape, resolve_device(cfg))
@@ -72,6 +69,12 @@ class Trainer:
         self.stop_signal: int | None = None
         self._updating = self._stop_now = False  # a second stop signal waits for the update
         self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
+        self._synced_step = None  # an update-owning backend's replicas are at this step
+        self._pulled_step = None  # ... and this trainer's copy was fetched at this step
+
+    @property
+    def owns_update(self) -> bool:
+        return getattr(self.backend, "owns_update", False)
 
     @property
     def backend(self) -> GradientBackend:
@@ -80,7 +83,24 @@ class Trainer:
         return self._backend
 
     # -- state -----------------------------------------------------------------------------------
+    def pull_state(self) -> None:
+        """Bring the parameters and Adam state back from an update-owning backend's replicas."""
+        if (self._backend is None or not self.owns_update or self._synced_step is None
+                or self._pulled_step == self.step):
+            return
+        state = self.backend.state()
+        self.learner.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._pulled_step = self.step
+
+    def _push_state(self) -> None:
+        if self._synced_step != self.step:
+            self.backend.load_state({"model": self.learner.module.state_dict(),
+                                     "optimizer": self.optimizer.state_dict(), "step": self.step})
+        self._synced_step = self.step
+
     def save_checkpoint(self) -> None:
+        self.pull_state()
         _atomic_save({"step": self.step, "bad_streak": self.bad_streak,
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
@@ -97,24 +117,28 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.step, self.bad_streak = int(state["step"]), int(state["bad_streak"])
+        self._synced_step = self._pulled_step = None
 
     # -- one step --------------------------------------------------------------------------------
-    def weigh(self, vectors: torch.Tensor):
+    def weigh(self, vectors: torch.Tensor | None, gram: torch.Tensor | None = None):
         o = self.cfg.outer
-        return task_weights(vectors, self.cfg.outer_weighting, o.normalize, o.temperature)
+        return task_weights(vectors, self.cfg.outer_weighting, o.normalize, o.temperature, gram)
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         task_ids = list(range(self.cfg.train.meta_batch))
-        res = self.backend.direction(self.learner.flat_params(), self.step, task_ids, self.weigh)
+        if self.owns_update:
+            self._push_state()
+            res = self.backend.step(self.step, task_ids, self.weigh)
+            self._synced_step = self.step + 1
+        else:
+            res = self.backend.direction(self.learner.flat_params(), self.step, task_ids,
+                                         self.weigh)
         t1 = time.perf_counter()
         self._updating = True
         if res.direction is not None:
-            grads = self.learner.layout.unflatten(res.direction.to(self.learner.device))
-            for name, p in self.learner.params().items():
-                p.grad = grads[name].to(p.dtype)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            apply_direction(self.learner, self.optimizer, res.direction)
+        if not res.skipped:
             self.bad_streak = 0
         else:
             self.bad_streak += 1
@@ -128,7 +152,7 @@ class Trainer:
 
     def metrics_row(self, res: StepResult) -> dict:
         finite = res.finite.cpu()
-        row = {"step": self.step, "skipped": res.direction is None, "bad_tasks": res.bad_tasks,
+        row = {"step": self.step, "skipped": res.skipped, "bad_tasks": res.bad_tasks,
                "loss": _nanmean(res.loss[finite]), "acc": _nanmean(res.acc[finite])}
         if res.weights is not None:
             summary = res.weights.summary()
@@ -171,6 +195,7 @@ class Trainer:
 
     def validate(self) -> dict:
         t = self.cfg.train
+        self.pull_state()
         return evaluate_episodes(self.learner, self.source, "val", t.val_episodes,
                                  self.cfg.eval.queries, self.cfg.eval.batch)
 
@@ -209,11 +234,16 @@ class Trainer:
                         on_step(self, row)
                     if self.stop_signal is not None and self.step < t.steps:
                         name = signal.Signals(self.stop_signal).name
+                        where = self.remote.uri if self.remote else self.run_dir
                         raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
-                                         f"saved: resume with `amfs train --resume "
-                                         f"{self.run_dir}`", self.stop_signal)
+                                         f"saved: resume with `amfs train --resume {where}`",
+                                         self.stop_signal)
         except BaseException as e:
-            self.save_checkpoint()  # nothing done so far is lost: resume from here
+            try:
+                self.save_checkpoint()  # nothing done so far is lost: resume from here
+            except Exception as lost:  # no replica of an update-owning backend is left
+                print(f"could not checkpoint step {self.step} ({lost}); the last checkpoint "
+                      f"is kept", file=sys.stderr)
             if isinstance(e, KeyboardInterrupt):
                 where = self.remote.uri if self.remote else self.run_dir
                 print(f"\nstopped at step {self.step}; checkpoint saved: resume with "

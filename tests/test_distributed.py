@@ -265,11 +265,22 @@ def test_nan_tasks_and_bad_steps_with_workers(ray_session, tmp_path):
     assert_same_params(a["model"], b["model"])
 
 
+def kill_worker_after(backend, step: int, worker: int, killed: list):
+    """An on_step callback that SIGKILLs the worker's process once `step` steps are done."""
+    def on_step(trainer, row):
+        if trainer.step == step:
+            pid = backend.worker_pids()[worker]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return on_step
+
+
 @pytest.mark.ray
 def test_killed_workers_are_replaced_and_the_run_is_unchanged(ray_session, reference, tmp_path):
     """Worker 1 is SIGKILLed between steps 1 and 2 (pid from the actor), and a worker kills
-    itself while drawing step 3's tasks (mid-step): both are replaced, their shards
-    recomputed, and the run ends with the uninterrupted run's parameters."""
+    itself while drawing step 3's tasks (mid-step: they are drawn while step 2 computes): both
+    are replaced, their shards recomputed, and the run ends with the uninterrupted run's
+    parameters."""
     from amfs_dist.distributed import RayBackend
 
     cfg = cfg_of("dist.workers=2")
@@ -277,17 +288,12 @@ def test_killed_workers_are_replaced_and_the_run_is_unchanged(ray_session, refer
     once.mkdir()
     backend = RayBackend(cfg, source_factory=faulty_source_factory(kill_steps=[3], once_dir=str(once)))
     killed = []
-
-    def on_step(trainer, row):
-        if trainer.step == 2:
-            pid = backend.worker_pids()[1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend, on_step=on_step)
+    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+                 on_step=kill_worker_after(backend, 2, 1, killed))
     assert killed and (once / "kill-step3").exists()
     rows = metrics(tmp_path / "run")
-    assert [r["worker_restarts"] for r in rows] == [0, 0, 1, 2, 2]
+    restarts = [r["worker_restarts"] for r in rows]
+    assert restarts[:2] == [0, 0] and restarts[2] >= 1 and restarts[3:] == [2, 2]
     assert_same_params(model_state(tmp_path / "run"), reference)
 
 
@@ -302,8 +308,8 @@ def test_a_worker_that_keeps_failing_stops_the_run_with_a_checkpoint(ray_session
         run_training(cfg, out=tmp_path, progress=False, backend=backend)
     assert time.monotonic() - t0 < 120
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert state["step"] == 2  # steps 0 and 1 done; step 2 never completed
-    assert len(metrics(tmp_path)) == 2
+    # step 2's tasks are drawn while step 1 computes: the run stops at step 1 (or 2)
+    assert state["step"] in (1, 2) and len(metrics(tmp_path)) == state["step"]
 
 
 @pytest.mark.ray

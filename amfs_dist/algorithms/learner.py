@@ -108,7 +108,9 @@ class MetaLearner:
         self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
         self.layout = ParamLayout(self.params())
         self.autocast = (cfg.train.precision == "bf16")
-        self.task_chunk = cfg.train.task_chunk or None
+        # train.deterministic: one task per chunk, so a task's gradient is computed by the
+        # same kernels whatever the number of tasks in this process's pass
+        self.task_chunk = 1 if cfg.train.deterministic else (cfg.train.task_chunk or None)
 
     # -- parameters ---------------------------------------------------------------------------
     @property

@@ -32,14 +32,9 @@ def agreement(vectors: torch.Tensor) -> torch.Tensor:
 
     A zero vector has no direction: its cosines with every task are 0 (so is its agreement).
     """
-    t = vectors.shape[0]
-    if t == 1:
+    if vectors.shape[0] == 1:
         return torch.ones(1, dtype=torch.float64, device=vectors.device)
-    gram = scaled_gram(vectors)
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-    cos = cos.clamp(-1.0, 1.0)  # float32 rounding
-    return (cos.sum(1) - cos.diagonal()) / (t - 1)
+    return agreement_from_gram(scaled_gram(vectors))
 
 
 def scaled_gram(vectors: torch.Tensor) -> torch.Tensor:
@@ -57,6 +52,41 @@ def scaled_gram(vectors: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def block_gram(vectors: torch.Tensor, block: int) -> torch.Tensor:
+    """The Gram matrix summed over fixed coordinate blocks in block order, each in float64.
+
+    The same blocks give the same sum whoever computes them: the collective exchange's
+    workers each compute some blocks (block_grams), the driver adds them in this order."""
+    total = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64,
+                        device=vectors.device)
+    for part in block_grams(vectors, block):
+        total += part
+    return total
+
+
+def block_grams(vectors: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """One float64 Gram matrix per `block` coordinates of the [T, p] vectors (float64 holds
+    the squares of any float32 gradient: no overflow or underflow to 0 as in float32)."""
+    parts = []
+    for start in range(0, vectors.shape[1], block):
+        rows = vectors[:, start:start + block].double()
+        parts.append(rows @ rows.T)
+    return parts
+
+
+def agreement_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """a_i = 1/(T-1) sum_{j != i} cos(v_i, v_j) from the float64 Gram matrix of the v_i."""
+    t = gram.shape[0]
+    if t == 1:
+        return torch.ones(1, dtype=torch.float64, device=gram.device)
+    gram = gram.double()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    # a zero row's cosines are 0/tiny = 0: it agrees with nothing
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    cos = cos.clamp(-1.0, 1.0)  # rounding
+    return (cos.sum(1) - cos.diagonal()) / (t - 1)
+
+
 def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",
                            temperature: float = 1.0) -> torch.Tensor:
     if normalize == "clip":
@@ -69,11 +99,12 @@ def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",
     raise ValueError(f"outer.normalize: unknown normalisation {normalize!r}")
 
 
-def task_weights(vectors: torch.Tensor, weighting: str = "cosine", normalize: str = "clip",
-                 temperature: float = 1.0) -> TaskWeights:
-    """The O-AMFS weights of T task vectors; weighting='mean' gives plain averaging."""
+def task_weights(vectors: torch.Tensor | None, weighting: str = "cosine", normalize: str = "clip",
+                 temperature: float = 1.0, gram: torch.Tensor | None = None) -> TaskWeights:
+    """The O-AMFS weights of T task vectors, or of their Gram matrix `gram` (then `vectors` is
+    None); weighting='mean' gives plain averaging."""
     with torch.no_grad():
-        a = agreement(vectors)
+        a = agreement(vectors) if gram is None else agreement_from_gram(gram)
         if weighting == "mean":
             w = torch.full_like(a, 1.0 / a.numel())
         elif weighting == "cosine":
@@ -83,6 +114,14 @@ def task_weights(vectors: torch.Tensor, weighting: str = "cosine", normalize: st
     return TaskWeights(w, a)
 
 
-def combine(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """G = sum_i w_i g_i."""
-    return weights.to(grads.dtype) @ grads
+def combine(grads: torch.Tensor, weights: torch.Tensor, ordered: bool = False) -> torch.Tensor:
+    """G = sum_i w_i g_i. ordered: added one task after the other, each product and sum one
+    rounded elementwise op, so any split of the coordinates gives the same bits (the
+    deterministic mode); else one matrix product."""
+    weights = weights.to(grads.dtype)
+    if not ordered:
+        return weights @ grads
+    total = torch.zeros(grads.shape[1:], dtype=grads.dtype, device=grads.device)
+    for row, w in zip(grads, weights):
+        total.add_(row * w)
+    return total

@@ -12,6 +12,20 @@ workers workers: bytes moved per step (parameters to each worker plus everything
 step time and its transfer part, and how far the sketch's update direction is from the exact
 one (cosine, and the L1 distance of the O-AMFS weights).
 
+Grid (one JSON line per backbone, worker count and exchange: exact, sketch, collective with
+exact weights, collective with sketch weights): whole trainer steps (update included, on the
+driver or on the workers), with the bytes through the driver per step (`driver_bytes`), the
+bytes one worker sends and receives per step (`worker_bytes`, the busiest worker; for the
+collective exchange the data it sends in its collective calls) and the step split into
+sampling_wait (the part of sampling not overlapped), compute, transfer (the rest of the
+driver's wait: scheduling, the object store and the collective calls), collective (the
+workers' time in collective calls), weighting and update. --grid-workers "" skips it.
+
+Deterministic (one JSON line): in-process steps with train.deterministic false and true,
+interleaved, on the config's settings (--deterministic-steps 0 skips it): tasks/s of each and
+their ratio. Both use --cpus-per-worker threads (the deterministic mode's one thread when that
+is 1), so the ratio is the cost of one task per vmapped chunk and the ordered sums.
+
 Workers are started once per worker count (their start-up and first pass are excluded by the
 warm-up steps) and the settings' steps are interleaved, so that other load on the machine
 hits all of them alike. W=0 computes with --cpus-per-worker threads, like one worker. Without
@@ -33,6 +47,11 @@ from amfs_dist.benchmarks.common import add_config_arguments, emit, machine
 from amfs_dist.config import Config, load_config
 
 TIMING_KEYS = ("sampling_s", "compute_s", "transfer_s", "weighting_s", "update_s")
+GRID_KEYS = ("sampling_s", "sampling_wait_s", "compute_s", "transfer_s", "collective_s",
+             "weighting_s", "update_s")
+EXCHANGES = {"exact": {"dist.exchange": "exact"}, "sketch": {"dist.exchange": "sketch"},
+             "collective": {"dist.exchange": "collective", "dist.weights_from": "exact"},
+             "collective-sketch": {"dist.exchange": "collective", "dist.weights_from": "sketch"}}
 
 
 def _ints(text: str) -> list[int]:
@@ -63,6 +82,20 @@ def register(sub) -> None:
     p.add_argument("--exchange-steps", type=int, default=3, help="timed steps each (default 3)")
     p.add_argument("--exchange-warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--sketch-dim", type=int, default=None, help="dist.sketch_dim (default: config)")
+    p.add_argument("--grid-workers", default="1,2,3,4",
+                   help="worker counts of the exchange grid (default 1,2,3,4; '' skips it)")
+    p.add_argument("--grid-backbones", default="conv4,resnet12",
+                   help="backbones of the grid (default conv4,resnet12)")
+    p.add_argument("--grid-width", type=int, default=None,
+                   help="their width (default: each backbone's own)")
+    p.add_argument("--grid-exchanges", default=",".join(EXCHANGES),
+                   help=f"exchanges of the grid (default {','.join(EXCHANGES)})")
+    p.add_argument("--grid-meta-batch", type=int, default=8, help="T (default 8)")
+    p.add_argument("--grid-queries", type=int, default=1, help="queries per class (default 1)")
+    p.add_argument("--grid-steps", type=int, default=2, help="timed steps each (default 2)")
+    p.add_argument("--grid-warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--deterministic-steps", type=int, default=3,
+                   help="timed steps of the train.deterministic comparison (default 3; 0 skips)")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
@@ -197,6 +230,77 @@ def exchange(base: Config, args) -> list[dict]:
     return rows
 
 
+def grid(base: Config, args) -> list[dict]:
+    """Whole trainer steps for every backbone x worker count x exchange."""
+    from amfs_dist.train import Trainer
+
+    rows = []
+    workers = _ints(args.grid_workers)
+    _ensure_ray(args.cpus_per_worker * max(workers))
+    for backbone in [b for b in args.grid_backbones.split(",") if b]:
+        for w in workers:
+            for name in [e for e in args.grid_exchanges.split(",") if e]:
+                over = {"model.backbone": backbone, "model.width": args.grid_width,
+                        "dist.workers": w, "dist.cpus_per_worker": args.cpus_per_worker,
+                        "train.meta_batch": args.grid_meta_batch, "train.val_every": 0,
+                        "data.queries": args.grid_queries, **EXCHANGES[name]}
+                if args.sketch_dim:
+                    over["dist.sketch_dim"] = args.sketch_dim
+                cfg = base.replace(**over)
+                with tempfile.TemporaryDirectory() as tmp:
+                    trainer = Trainer(cfg, tmp)
+                    try:
+                        for _ in range(args.grid_warmup):
+                            trainer.train_step()
+                        sums = dict.fromkeys(GRID_KEYS + ("step_s", "exchange_bytes",
+                                                          "worker_bytes"), 0.0)
+                        for _ in range(args.grid_steps):
+                            res = trainer.train_step()
+                            for k in sums:
+                                sums[k] += res.timings.get(k, 0.0)
+                    finally:
+                        trainer.close()
+                n = args.grid_steps
+                rows.append({"bench": "distributed", "part": "grid", "exchange": name,
+                             "backbone": backbone, "params": trainer.learner.layout.size,
+                             "workers": w, "meta_batch": cfg.train.meta_batch,
+                             "queries": cfg.data.queries, "steps": n,
+                             "sketch_dim": cfg.dist.sketch_dim if "sketch" in name else None,
+                             "tasks_per_s": round(cfg.train.meta_batch * n / sums["step_s"], 3),
+                             "driver_bytes": int(sums["exchange_bytes"] // n),
+                             "worker_bytes": int(sums["worker_bytes"] // n),
+                             **{k: round(sums[k] / n, 4) for k in ("step_s",) + GRID_KEYS}})
+    return rows
+
+
+def deterministic(base: Config, steps: int, threads: int) -> dict:
+    """train.deterministic=false vs true in process, step by step in turn."""
+    from amfs_dist.train import Trainer
+
+    trainers, walls = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for flag in (False, True):
+            trainers[flag] = Trainer(base.replace(**{"train.deterministic": flag,
+                                                     "dist.workers": 0}), f"{tmp}/{flag}")
+            walls[flag] = 0.0
+        for i in range(steps + 1):  # the first round warms up
+            for flag, trainer in trainers.items():
+                torch.use_deterministic_algorithms(flag)
+                torch.set_num_threads(1 if flag else threads)
+                t0 = time.perf_counter()
+                trainer.train_step()
+                walls[flag] += (time.perf_counter() - t0) if i else 0.0
+        torch.use_deterministic_algorithms(False)
+        for trainer in trainers.values():
+            trainer.close()
+    T = base.train.meta_batch
+    rate = {flag: T * steps / walls[flag] for flag in walls}
+    return {"bench": "distributed", "part": "deterministic", "backbone": base.backbone,
+            "meta_batch": T, "steps": steps, "threads": threads,
+            "tasks_per_s": round(rate[False], 3), "deterministic_tasks_per_s": round(rate[True], 3),
+            "ratio": round(rate[True] / rate[False], 4)}
+
+
 def run(args) -> int:
     base = load_config(args.config, args.overrides)
     info = machine()
@@ -214,5 +318,13 @@ def run(args) -> int:
         emit({**row, **info, "load_avg_1m": round(os.getloadavg()[0], 2)})
     if args.exchange_workers:
         for row in exchange(base, args):
+            emit({**row, **info, "load_avg_1m": round(os.getloadavg()[0], 2)})
+    if args.deterministic_steps:
+        saved = torch.get_num_threads()
+        row = deterministic(base, args.deterministic_steps, max(1, int(args.cpus_per_worker)))
+        torch.set_num_threads(saved)
+        emit({**row, **info, "load_avg_1m": round(os.getloadavg()[0], 2)})
+    if _ints(args.grid_workers):
+        for row in grid(base, args):
             emit({**row, **info, "load_avg_1m": round(os.getloadavg()[0], 2)})
     return 0

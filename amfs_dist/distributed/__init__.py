@@ -2,6 +2,8 @@
 
 Importing this package imports Ray; amfs_dist.train imports it only for dist.workers > 0.
 """
-from amfs_dist.distributed.backend import RayBackend, WorkerFailedError, shard
+from amfs_dist.distributed.backend import RayBackend, shard
+from amfs_dist.distributed.collective import CollectiveBackend
+from amfs_dist.errors import WorkerFailedError
 
-__all__ = ["RayBackend", "WorkerFailedError", "shard"]
+__all__ = ["CollectiveBackend", "RayBackend", "WorkerFailedError", "shard"]

@@ -30,18 +30,14 @@ import numpy as np
 import torch
 
 from amfs_dist.algorithms.learner import TaskGradients
-from amfs_dist.backend import StepResult, Weigh, weighted_direction
+from amfs_dist.backend import StepResult, Weigh, deterministic_block, weighted_direction
 from amfs_dist.config import Config
 from amfs_dist.distributed.worker import ShardWorker
-from amfs_dist.train import TrainingError
+from amfs_dist.errors import UserError, WorkerFailedError
 
 log = logging.getLogger("amfs_dist.distributed")
 
 START_GRACE_S = 300.0  # added to dist.timeout_s for a worker's first answer (its start-up)
-
-
-class WorkerFailedError(TrainingError):
-    """A shard worker failed more often than dist.max_worker_restarts, or its code raised."""
 
 
 def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
@@ -71,12 +67,17 @@ def _check_workers_fit(cfg: Config) -> None:
 
 
 class RayBackend:
+    worker_class = ShardWorker
+
     def __init__(self, cfg: Config, source_factory: Callable | None = None):
         import ray
         from ray import exceptions as rex
 
         if cfg.dist.workers < 1:
             raise ValueError("RayBackend needs dist.workers >= 1 (0 runs in-process)")
+        if cfg.dist.gpus_per_worker > 1:
+            raise UserError(f"dist.gpus_per_worker={cfg.dist.gpus_per_worker:g}: a shard worker "
+                            f"computes on one GPU; use one worker per GPU (dist.workers)")
         self.cfg = cfg
         self.num_workers = cfg.dist.workers
         self.exchange = cfg.dist.exchange
@@ -84,7 +85,7 @@ class RayBackend:
         self.max_restarts = cfg.dist.max_worker_restarts
         self._ray, self._rex = ray, rex
         self._owns_ray = _init_ray()
-        self._actor = ray.remote(ShardWorker).options(
+        self._actor = ray.remote(self.worker_class).options(
             num_cpus=cfg.dist.cpus_per_worker, num_gpus=cfg.dist.gpus_per_worker,
             max_restarts=0, max_task_retries=0)
         self._cfg_values = cfg.to_flat()
@@ -148,14 +149,11 @@ class RayBackend:
         warm up)."""
         return time.monotonic() + self.timeout + (START_GRACE_S if self._fresh[w] else 0.0)
 
-    def _gather(self, calls: dict[int, Callable], what: str, work: bool = True) -> dict[int, object]:
-        """Run calls[w]() on each worker and collect the results; replace lost workers and
-        resubmit their call until it succeeds or the worker's restarts run out. A worker's
-        first answer to real work (work=True) ends its start-up grace: that one includes the
-        first pass's warm-up."""
+    def _answers(self, pending: dict, what: str):
+        """For each call in pending {ref: (w, deadline)} (which may grow meanwhile), in the order
+        they end: (w, result, None), or (w, None, why) for a worker lost (dead, or silent past
+        its deadline). An exception raised by the worker's own code is raised here."""
         ray = self._ray
-        pending: dict = {call(): (w, self._deadline(w)) for w, call in calls.items()}
-        results: dict[int, object] = {}
         while pending:
             soonest = min(deadline for _, deadline in pending.values())
             ready, _ = ray.wait(list(pending), num_returns=1,
@@ -164,24 +162,35 @@ class RayBackend:
                 now = time.monotonic()
                 for ref in [r for r, (_, d) in pending.items() if d <= now]:
                     w, _ = pending.pop(ref)
-                    self._replace(w, f"no answer to '{what}' within dist.timeout_s="
-                                     f"{self.timeout:g} s")
-                    pending[calls[w]()] = (w, self._deadline(w))
+                    yield w, None, f"no answer to '{what}' within dist.timeout_s={self.timeout:g} s"
                 continue
-            ref = ready[0]
-            w, _ = pending.pop(ref)
+            w, _ = pending.pop(ready[0])
             try:
-                results[w] = ray.get(ref)
+                result = ray.get(ready[0])
             except self._rex.RayError as err:
                 why = self._classify(err)
                 if why is None:
                     raise WorkerFailedError(f"shard worker {w} raised during '{what}': "
                                             f"{_first_lines(err)}") from err
-                self._replace(w, why)
-                pending[calls[w]()] = (w, self._deadline(w))
+                yield w, None, why
             else:
-                if work:
-                    self._fresh[w] = False
+                yield w, result, None
+
+    def _gather(self, calls: dict[int, Callable], what: str, work: bool = True) -> dict[int, object]:
+        """Run calls[w]() on each worker and collect the results; replace lost workers and
+        resubmit their call until it succeeds or the worker's restarts run out. A worker's
+        first answer to real work (work=True) ends its start-up grace: that one includes the
+        first pass's warm-up."""
+        pending: dict = {call(): (w, self._deadline(w)) for w, call in calls.items()}
+        results: dict[int, object] = {}
+        for w, result, lost in self._answers(pending, what):
+            if lost:
+                self._replace(w, lost)
+                pending[calls[w]()] = (w, self._deadline(w))
+                continue
+            results[w] = result
+            if work:
+                self._fresh[w] = False
         return results
 
     # -- one step ---------------------------------------------------------------------------------
@@ -214,10 +223,13 @@ class RayBackend:
             g_np[w::W], l_np[w::W], a_np[w::W] = g, l, a
             moved += g.nbytes + l.nbytes + a.nbytes
         worker_timings = [t for (_, _, _, t) in out.values()]
+        worker_bytes = params_bytes + max(g.nbytes + l.nbytes + a.nbytes for g, l, a, _ in out.values())
         del out, params_ref
         timings = self._timings(time.perf_counter() - t0, [worker_timings])
         timings["exchange_bytes"] = moved
-        return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings)
+        timings["worker_bytes"] = worker_bytes
+        return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings,
+                                  deterministic_block(self.cfg))
 
     def _sketch_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
         self._round += 1
@@ -270,21 +282,26 @@ class RayBackend:
         timings = self._timings(gather1 + gather2, [phase1, phase2])
         timings["weighting_s"] = weighting
         timings["exchange_bytes"] = moved
+        # a worker: the parameters in, its sketches out, then its weights in and one sum out
+        timings["worker_bytes"] = (params_bytes + max(len(ids) for ids in active.values())
+                                   * (4 * d + 17) + (4 * self.num_params if weights is not None else 0))
         return StepResult(direction, torch.from_numpy(loss), torch.from_numpy(acc), finite_t,
                           weights, timings)
 
     def _timings(self, gather_s: float, rounds: list[list[dict]]) -> dict[str, float]:
-        """sampling/compute: the slowest worker's (the critical path), summed over rounds;
+        """sampling (drawing the episodes, in the background), sampling_wait (the part the step
+        waited for) and compute: the slowest worker's (the critical path), summed over rounds;
         transfer: the rest of the gather wall time (put, scheduling, moving results, reassembly)."""
-        sampling = compute = 0.0
+        sampling = wait = compute = 0.0
         for worker_timings in rounds:
             if not worker_timings:
                 continue
-            slowest = max(worker_timings, key=lambda t: t["sampling_s"] + t["compute_s"])
-            sampling += slowest["sampling_s"]
+            slowest = max(worker_timings, key=lambda t: t.get("sampling_wait_s", 0.0) + t["compute_s"])
+            sampling += slowest.get("sampling_s", 0.0)
+            wait += slowest.get("sampling_wait_s", 0.0)
             compute += slowest["compute_s"]
-        return {"sampling_s": sampling, "compute_s": compute,
-                "transfer_s": max(0.0, gather_s - sampling - compute),
+        return {"sampling_s": sampling, "sampling_wait_s": wait, "compute_s": compute,
+                "transfer_s": max(0.0, gather_s - wait - compute),
                 "worker_restarts": sum(self.restarts)}
 
     def close(self) -> None:

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from amfs_dist.algorithms.outer import combine
-from amfs_dist.backend import InProcessBackend, finite_part, finite_rows
+from amfs_dist.backend import InProcessBackend, finite_part, finite_rows, set_deterministic
 from amfs_dist.config import Config, resolve
 from amfs_dist.distributed.sketch import CountSketch
+from amfs_dist.errors import UserError
 
 log = logging.getLogger("amfs_dist.distributed")
 
@@ -41,9 +42,13 @@ def pick_device(cfg: Config, assigned_gpus: Sequence | None = None) -> torch.dev
     """cuda if Ray gave this worker a GPU and CUDA works here (and train.device allows it), else cpu.
 
     Ray sets CUDA_VISIBLE_DEVICES to the worker's GPU(s), so its first GPU is cuda:0; with a
-    fractional dist.gpus_per_worker, workers share that GPU. A worker uses one device.
+    fractional dist.gpus_per_worker, workers share that GPU. A worker uses one device: given
+    several GPUs it refuses (they would sit idle) rather than use cuda:0 alone.
     """
     gpus = _assigned_gpus() if assigned_gpus is None else list(assigned_gpus)
+    if len(gpus) > 1 and cfg.train.device != "cpu":
+        raise UserError(f"dist.gpus_per_worker: a shard worker was given {len(gpus)} GPUs "
+                        f"({gpus}) but computes on one; use one worker per GPU (dist.workers)")
     if cfg.train.device == "cpu" or not gpus:
         if cfg.train.device == "cuda" and not gpus:
             log.warning("train.device=cuda but this shard worker has no GPU "
@@ -74,9 +79,10 @@ class ShardWorker:
     def __init__(self, cfg_values: dict, index: int,
                  source_factory: Callable[[Config], object] | None = None):
         self.cfg = resolve(cfg_values, {})
+        set_deterministic(self.cfg)
         self.index = index
         self.device = pick_device(self.cfg)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self.cfg.train.deterministic:
             torch.set_num_threads(max(1, int(self.cfg.dist.cpus_per_worker)))
         source = source_factory(self.cfg) if source_factory is not None else None
         self.backend = InProcessBackend(self.cfg, source=source, device=self.device)
@@ -90,7 +96,8 @@ class ShardWorker:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         return {"index": self.index, "pid": os.getpid(), "device": str(self.device),
                 "gpu_ids": [str(g) for g in _assigned_gpus()], "num_params": self.num_params,
-                "node_id": ctx.get_node_id() if ctx else None}
+                "node_id": ctx.get_node_id() if ctx else None,
+                "ip": ray.util.get_node_ip_address() if ctx else None}
 
     # -- exact exchange ------------------------------------------------------------------------
     def gradients(self, flat_params, step: int, task_ids: list[int]):

@@ -1,0 +1,246 @@
+"""dist.exchange=collective: replicas on the workers, gradients exchanged among them.
+
+Same numbers as in-process (exact weights), resume, sketch-weight bounds, lost and hung
+workers, and train.deterministic (bitwise the same parameters for any worker count and
+exchange). dist.block_size=512 splits the tiny model's parameters over up to 3 workers.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_distributed import (BASE, assert_same_params, cfg_of, kill_worker_after, metrics,
+                              model_state, train_in_process)
+
+from amfs_dist.algorithms.outer import block_gram, combine, gram, task_weights
+from amfs_dist.backend import InProcessBackend, apply_direction, weighted_direction
+from amfs_dist.config import load_config
+from amfs_dist.distributed.collective import shares, tasks_of
+from amfs_dist.distributed.faults import faulty_source_factory
+from amfs_dist.errors import WorkerFailedError
+from amfs_dist.train import CHECKPOINT, Trainer, run_training
+
+COLLECTIVE = ("dist.exchange=collective", "dist.block_size=512", "dist.timeout_s=30")
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return train_in_process(cfg_of(), tmp_path_factory.mktemp("reference"))
+
+
+def fit(cfg, run_dir, backend=None, **kwargs):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, backend)
+    try:
+        trainer.fit(progress=False, **kwargs)
+    finally:
+        trainer.close()
+    trainer.params = {k: v.clone() for k, v in trainer.learner.module.state_dict().items()}
+    return trainer
+
+
+# -- pure pieces ------------------------------------------------------------------------------------
+def test_shares_are_whole_blocks_and_cover_everything():
+    assert shares(1000, 256, 3) == [0, 256, 512, 1000]
+    assert shares(1000, 256, 1) == [0, 1000]
+    assert shares(100, 256, 2) == [0, 0, 100]  # one block: one worker owns it
+    assert tasks_of(7, 3) == [3, 2, 2] and tasks_of(2, 3) == [1, 1, 0]
+
+
+def test_block_gram_and_ordered_combine():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 1000, generator=gen)
+    exact = rows.double() @ rows.double().T
+    torch.testing.assert_close(block_gram(rows, 300), exact)
+    torch.testing.assert_close(gram(rows), exact, rtol=1e-5, atol=1e-4)
+    w = torch.rand(5, generator=gen)
+    ordered = combine(rows, w, ordered=True)
+    torch.testing.assert_close(ordered, w @ rows, rtol=1e-5, atol=1e-6)
+    # any split of the coordinates gives the same bits
+    halves = torch.cat([combine(rows[:, :333], w, True), combine(rows[:, 333:], w, True)])
+    assert torch.equal(halves, ordered)
+    # weights from the Gram matrix are those from the vectors
+    a, b = task_weights(rows), task_weights(None, gram=exact)
+    torch.testing.assert_close(a.weights, b.weights)
+
+
+def test_a_worker_given_several_gpus_is_refused(monkeypatch):
+    from amfs_dist.distributed.worker import pick_device
+    from amfs_dist.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="given 2 GPUs"):
+        pick_device(cfg_of(), assigned_gpus=["0", "1"])
+    assert pick_device(cfg_of("train.device=cpu"), assigned_gpus=["0", "1"]).type == "cpu"
+    from amfs_dist.distributed import RayBackend
+    with pytest.raises(UserError, match="dist.gpus_per_worker=2"):
+        RayBackend(cfg_of("dist.workers=1", "dist.gpus_per_worker=2"))
+
+
+def test_sampling_is_prefetched_off_the_critical_path():
+    """In process, step s+1's episodes are drawn while step s computes: the step waits for
+    them far less than drawing them takes, and the gradients are unchanged."""
+    cfg = load_config(None, BASE + ["data.queries=15"])
+    backend = InProcessBackend(cfg)
+    flat = backend.learner.flat_params()
+    ids = list(range(4))
+    try:
+        first, t0 = backend.task_gradients(flat, 0, ids)
+        assert t0["sampling_wait_s"] >= t0["sampling_s"] * 0.5  # nothing prefetched yet
+        waits, draws = [], []
+        for step in range(1, 4):
+            tg, t = backend.task_gradients(flat, step, ids)
+            waits.append(t["sampling_wait_s"])
+            draws.append(t["sampling_s"])
+        assert sum(waits) < 0.5 * sum(draws)
+        fresh = InProcessBackend(cfg)  # no prefetch: draws step 3 itself
+        tg3, _ = fresh.task_gradients(flat, 3, ids)
+        assert torch.equal(tg3.grads, tg.grads)
+        fresh.close()
+    finally:
+        backend.close()
+
+
+# -- on the Ray cluster -----------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_collective_exact_gives_the_in_process_parameters(ray_session, reference, tmp_path,
+                                                         workers):
+    cfg = cfg_of(f"dist.workers={workers}", *COLLECTIVE)
+    trainer = fit(cfg, tmp_path)
+    assert_same_params(trainer.params, reference, atol=ATOL)
+    row = metrics(tmp_path)[-1]
+    T, P = cfg.train.meta_batch, trainer.learner.layout.size
+    # the driver gets loss/acc/finite [T] and the float64 T x T Gram matrix, and sends every
+    # worker the weights and finite flags: nothing of size P
+    assert P > 2 * 512 and row["exchange_bytes"] == T * 9 + T * T * 8 + workers * T * 5
+    assert row["exchange_bytes"] < P
+    for key in ("sampling_s", "sampling_wait_s", "compute_s", "transfer_s", "collective_s"):
+        assert row[key] >= 0
+    assert row["worker_restarts"] == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_collective_resume_equals_uninterrupted(ray_session, reference, tmp_path):
+    # the default dist.block_size: one block, which worker 1 does not share
+    cfg = cfg_of("dist.workers=2", "dist.exchange=collective", "train.steps=3")
+    run_training(cfg, out=tmp_path, progress=False)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
+    result = run_training(resume=tmp_path, progress=False, overrides=["train.steps=5"])
+    assert result["resumed"] and result["meta_steps"] == 5
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    assert_same_params(model_state(tmp_path), reference, atol=ATOL)
+
+
+@pytest.mark.ray
+def test_collective_sketch_weights_within_the_sketch_bounds(ray_session):
+    """Sketch weights (NaN in task 1): the same bounds as test_sketch_exchange; mean weighting
+    updates the replicas exactly as the in-process direction would."""
+    from amfs_dist.distributed import CollectiveBackend
+
+    cfg = cfg_of("dist.workers=2", *COLLECTIVE, "dist.weights_from=sketch", "dist.sketch_dim=256")
+    factory = faulty_source_factory(nan_tasks=[(s, 1) for s in range(3)])
+    local = InProcessBackend(cfg, source=factory(cfg))
+    trainer = Trainer(cfg.replace(**{"dist.workers": 0}), "/nonexistent", backend=local)
+    ids = list(range(4))
+    backend = CollectiveBackend(cfg, source_factory=factory)
+    try:
+        backend.load_state({"model": trainer.learner.module.state_dict(),
+                            "optimizer": trainer.optimizer.state_dict(), "step": 0})
+        for step, weighting in [(0, "mean"), (1, "cosine")]:
+            weigh = lambda v, gram=None: task_weights(v, weighting, gram=gram)
+            flat = trainer.learner.flat_params()
+            res = backend.step(step, ids, weigh)
+            tg, timings = local.task_gradients(flat, step, ids)
+            exact = weighted_direction(tg, weigh, timings)
+            assert res.finite.tolist() == [True, False, True, True] and res.updated
+            torch.testing.assert_close(res.loss[res.finite], exact.loss[exact.finite])
+            if weighting == "mean":  # the replicas took the in-process Adam step
+                apply_direction(trainer.learner, trainer.optimizer, exact.direction)
+                assert_same_params(backend.state()["model"], trainer.learner.module.state_dict())
+            else:  # the bounds of test_sketch_weights_approximate_exact_weights
+                da = (res.weights.agreement - exact.weights.agreement).abs().max()
+                assert da <= 4 * math.sqrt(2 / 256)
+                l1 = (res.weights.weights - exact.weights.weights).abs().sum()
+                assert l1 <= 2 * 3 * da / res.weights.agreement.clamp_min(0).sum() + 1e-9
+            P, T = flat.numel(), len(ids)
+            assert res.timings["exchange_bytes"] == T * (256 * 4 + 9) + 2 * T * 5
+            assert res.timings["worker_bytes"] == int(2 * (2 - 1) / 2 * P * 4)  # ring all-reduce
+    finally:
+        backend.close()
+        local.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_collective_survives_killed_and_hung_workers(ray_session, reference, tmp_path):
+    """Worker 1 is SIGKILLed between steps 1 and 2, a worker kills itself drawing step 3's
+    tasks (mid-step) and one hangs drawing step 4's: the peers' collective calls fail or time
+    out, the group is rebuilt with replacements that take a survivor's state, the step is
+    recomputed, and the run ends with the uninterrupted run's parameters."""
+    from amfs_dist.distributed import CollectiveBackend
+
+    cfg = cfg_of("dist.workers=2", *COLLECTIVE[:2], "dist.timeout_s=8")
+    once = tmp_path / "once"
+    once.mkdir()
+    backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(
+        kill_steps=[3], hang_steps=[4], once_dir=str(once)))
+    killed = []
+    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+                 on_step=kill_worker_after(backend, 2, 1, killed))
+    assert killed and (once / "kill-step3").exists() and (once / "hang-step4").exists()
+    assert metrics(tmp_path / "run")[-1]["worker_restarts"] == 3
+    assert_same_params(model_state(tmp_path / "run"), reference, atol=ATOL)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_collective_single_worker_restarts_from_the_last_state(ray_session, reference, tmp_path):
+    """W = 1: no replica survives; the replacement starts from the last fetched state (the
+    step-2 checkpoint) and replays step 2 before step 3."""
+    cfg = cfg_of("dist.workers=1", *COLLECTIVE)
+    once = tmp_path / "once"
+    once.mkdir()
+    from amfs_dist.distributed import CollectiveBackend
+    backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(
+        kill_steps=[4], once_dir=str(once)))
+    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend)
+    assert (once / "kill-step4").exists() and metrics(tmp_path / "run")[-1]["worker_restarts"] == 1
+    assert_same_params(model_state(tmp_path / "run"), reference, atol=ATOL)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_collective_worker_that_keeps_failing_stops_with_a_checkpoint(ray_session, tmp_path):
+    from amfs_dist.distributed import CollectiveBackend
+
+    cfg = cfg_of("dist.workers=2", *COLLECTIVE, "dist.max_worker_restarts=1", "train.steps=6")
+    backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(kill_steps=[3]))
+    with pytest.raises(WorkerFailedError, match=r"failed 2 times.*max_worker_restarts=1"):
+        run_training(cfg, out=tmp_path, progress=False, backend=backend)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    # step 3's tasks are drawn while step 2 computes: the run stops at step 2 or 3
+    assert state["step"] in (2, 3) and len(metrics(tmp_path)) == state["step"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deterministic_is_bitwise_the_same_for_any_worker_count_and_exchange(ray_session,
+                                                                            tmp_path):
+    """train.deterministic=true, 30 steps: in-process, 2 workers exact and 2 workers
+    collective (exact weights) give bitwise the same parameters."""
+    steps = ["train.steps=30", "train.deterministic=true", "dist.block_size=512"]
+    runs = {"in-process": cfg_of(*steps), "exact W=2": cfg_of(*steps, "dist.workers=2"),
+            "collective W=2": cfg_of(*steps, "dist.workers=2", *COLLECTIVE)}
+    params = {name: fit(cfg, tmp_path / str(i)).params for i, (name, cfg) in enumerate(runs.items())}
+    base = params.pop("in-process")
+    for name, other in params.items():
+        for key, value in base.items():
+            assert torch.equal(value, other[key]), f"{name}: {key} differs"
+    initial = fit(cfg_of("train.steps=0"), tmp_path / "init").params
+    assert not torch.equal(base["head.scale"], initial["head.scale"])  # it did train
