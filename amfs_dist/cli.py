@@ -1,4 +1,4 @@
-"""The `amfs` command line: train, eval, status, data, tune, bench.
+"""The `amfs` command line: train, eval, status, data, tune, experiment, bench.
 
 Each command lives in its own module exposing register(subparsers); the parser it adds sets
 func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2.
@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "amfs_dist.commands.status",
     "amfs_dist.data.cli",
     "amfs_dist.tune.cli",
+    "amfs_dist.experiment.cli",
     "amfs_dist.benchmarks.cli",
 ]
 

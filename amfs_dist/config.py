@@ -35,14 +35,23 @@ def _at_least_one(v): return v >= 1
 def _one_of(*options): return lambda v: v in options
 
 
-PRESETS = {  # method -> (inner loop, outer weighting), DESIGN 1.3
-    "amfs": ("kernel", "cosine"),
-    "iamfs": ("kernel", "mean"),
-    "oamfs": ("maml", "cosine"),
-    "maml": ("maml", "mean"),
-    "fomaml": ("fomaml", "mean"),
+# Keys whose default depends on the method: null (their schema default) means the method's
+# value from PRESETS, else the value here.
+METHOD_DEFAULTS = {"kernel.type": "rbf", "kernel.normalize": True, "kernel.mu": 0.05,
+                   "kernel.gamma": 0.01, "kernel.learn_lam": False}
+PRESETS = {  # method -> inner loop, outer weighting and any method defaults it changes (DESIGN 1.3)
+    "amfs": {"inner": "kernel", "outer.weighting": "cosine"},
+    "iamfs": {"inner": "kernel", "outer.weighting": "mean"},
+    "oamfs": {"inner": "maml", "outer.weighting": "cosine"},
+    "maml": {"inner": "maml", "outer.weighting": "mean"},
+    "fomaml": {"inner": "fomaml", "outer.weighting": "mean"},
+    "protonet": {"inner": "protonet", "outer.weighting": "mean"},
+    # Bertinetto et al. 2019: ridge regression on the raw features, learned lambda and scale
+    "r2d2": {"inner": "kernel", "outer.weighting": "mean", "kernel.type": "linear",
+             "kernel.normalize": False, "kernel.mu": 0.0, "kernel.gamma": 0.0,
+             "kernel.learn_lam": True},
 }
-INNER_LOOPS = ("kernel", "maml", "fomaml")
+INNER_LOOPS = ("kernel", "maml", "fomaml", "protonet")
 
 SCHEMA: dict[str, Key] = {
     "seed": Key((int,), 0, _non_negative, ">= 0"),
@@ -55,22 +64,26 @@ SCHEMA: dict[str, Key] = {
     "data.ways": Key((int,), 5, _at_least_one, ">= 1"),
     "data.shots": Key((int,), 1, _at_least_one, ">= 1"),
     "data.queries": Key((int,), 15, _at_least_one, ">= 1"),
+    # a share of each step's training tasks made conflicting (data/conflict.py), for `stability`
+    "data.conflict_fraction": Key((float,), 0.0, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "data.conflict": Key((str,), "permute", _one_of("permute", "noise"), "permute or noise"),
     "data.image_size": Key((int,), None, _at_least_one, ">= 1 (or null for the source's own)", True),
     "data.channels": Key((int,), None, _one_of(1, 3), "1 or 3 (or null for the source's own)", True),
     "model.backbone": Key((str,), "auto", _one_of("auto", "conv4", "resnet12", "mlp"),
                           "auto, conv4, resnet12 or mlp"),
     "model.width": Key((int,), None, _at_least_one, ">= 1 (or null for the backbone's own)", True),
+    "kernel.type": Key((str,), None, _one_of("rbf", "linear"), "rbf or linear", True),
     "kernel.bandwidth": Key((float,), 1.0, _positive, "> 0"),
     "kernel.lam": Key((float,), 0.1, _positive, "> 0"),
-    "kernel.mu": Key((float,), 0.05, _non_negative, ">= 0"),
-    "kernel.gamma": Key((float,), 0.01, _non_negative, ">= 0"),
-    "kernel.normalize": Key((bool,), True),
+    "kernel.mu": Key((float,), None, _non_negative, ">= 0", True),
+    "kernel.gamma": Key((float,), None, _non_negative, ">= 0", True),
+    "kernel.normalize": Key((bool,), None, nullable=True),
     "kernel.learn_bandwidth": Key((bool,), True),
-    "kernel.learn_lam": Key((bool,), False),
+    "kernel.learn_lam": Key((bool,), None, nullable=True),
     "kernel.first_order": Key((bool,), False),
     "maml.steps": Key((int,), 5, _at_least_one, ">= 1"),
     "maml.lr": Key((float,), 0.4, _positive, "> 0"),
-    "maml.test_steps": Key((int,), 10, _at_least_one, ">= 1"),
+    "maml.test_steps": Key((int,), 10, _non_negative, ">= 0 (0: the meta-learned init as is)"),
     "train.steps": Key((int,), 200, _non_negative, ">= 0"),
     "train.meta_batch": Key((int,), 8, _at_least_one, ">= 1"),
     "train.lr": Key((float,), 2e-3, _positive, "> 0"),
@@ -190,16 +203,25 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 
 class Config:
-    """A validated config; read values as cfg["kernel.lam"] or cfg.kernel.lam."""
+    """A validated config; read values as cfg["kernel.lam"] or cfg.kernel.lam.
+
+    Reads give effective values: a key left null that the method decides (inner,
+    outer.weighting, METHOD_DEFAULTS) reads as the method's value; to_flat() keeps the nulls,
+    so that replace(method=...) and a saved config.yaml still follow the method.
+    """
 
     def __init__(self, values: dict[str, Any]):
         object.__setattr__(self, "_values", dict(values))
+        preset = PRESETS.get(values.get("method"), {})
+        effective = {k: v if v is not None else preset.get(k, METHOD_DEFAULTS.get(k))
+                     for k, v in values.items()}
+        object.__setattr__(self, "_effective", effective)
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key]
+        return self._effective[key]
 
     def __getattr__(self, name: str) -> Any:
-        values = object.__getattribute__(self, "_values")
+        values = object.__getattribute__(self, "_effective")
         if name in values:
             return values[name]
         prefix = name + "."
@@ -223,20 +245,26 @@ class Config:
 
     @property
     def inner_loop(self) -> str:
-        return self._values["inner"] or PRESETS[self._values["method"]][0]
+        return self["inner"]
 
     @property
     def outer_weighting(self) -> str:
-        return self._values["outer.weighting"] or PRESETS[self._values["method"]][1]
+        return self["outer.weighting"]
 
     @property
     def method_name(self) -> str:
-        """The preset matching (inner, outer), else 'inner+outer'."""
-        pair = (self.inner_loop, self.outer_weighting)
+        """The preset with this inner loop, outer weighting and kernel type, else 'inner+outer'
+        (the inner loop named 'linear-kernel' for kernel.type=linear)."""
+        def identity(get) -> tuple:
+            inner = get("inner")
+            return inner, get("outer.weighting"), get("kernel.type") if inner == "kernel" else None
+
+        mine = identity(self.__getitem__)
         for name, preset in PRESETS.items():
-            if preset == pair:
+            if identity(lambda k: preset.get(k, METHOD_DEFAULTS.get(k))) == mine:
                 return name
-        return f"{pair[0]}+{pair[1]}"
+        inner = "linear-kernel" if mine[2] == "linear" else mine[0]
+        return f"{inner}+{mine[1]}"
 
     @property
     def backbone(self) -> str:
@@ -283,6 +311,15 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
                           f"data.source={values['data.source']!r}")
     if values["data.source"] == "sinusoid" and cfg.backbone != "mlp":
         raise ConfigError(f"model.backbone: data.source=sinusoid needs mlp, got {cfg.backbone!r}")
+    if values["data.conflict_fraction"] > 0 and (values["data.source"] == "sinusoid"
+                                                 or values["data.ways"] < 2):
+        raise ConfigError(f"data.conflict_fraction: conflicting tasks relabel classes; they need "
+                          f"classification with data.ways >= 2, got "
+                          f"{values['data.conflict_fraction']!r}")
+    if values["data.source"] == "sinusoid" and cfg.inner_loop == "protonet":
+        key = "inner" if values["inner"] else "method"
+        raise ConfigError(f"{key}: protonet classifies (class prototypes); data.source=sinusoid "
+                          f"is regression")
     return cfg
 
 

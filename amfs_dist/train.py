@@ -26,6 +26,7 @@ from amfs_dist.backend import (GradientBackend, InProcessBackend, StepResult, ap
                                set_deterministic)
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
+from amfs_dist.data.conflict import corrupted_tasks
 from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 from amfs_dist.runs import (check_new_run_dir, load_module_state, load_torch_file, make_run_dir,
@@ -173,6 +174,8 @@ class Trainer:
             full[finite] = torch.tensor(summary["weights"], dtype=torch.float64)
             summary["weights"] = [round(float(w), 6) for w in full]
             row.update(summary)
+        if self.cfg.data.conflict_fraction > 0:
+            row.update(_conflict_metrics(self.cfg, self.step - 1, finite, row.get("weights")))
         row.update({k: round(v, 6) for k, v in res.timings.items()})
         return row
 
@@ -267,6 +270,18 @@ class Trainer:
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
+
+
+def _conflict_metrics(cfg: Config, step: int, finite: torch.Tensor, weights: list | None) -> dict:
+    """The step's conflicting tasks (recomputed from the config: the same ones every worker drew)
+    and the mean weight of the finite corrupted and clean tasks."""
+    corrupted = corrupted_tasks(cfg.seed, step, cfg.train.meta_batch, cfg.data.conflict_fraction)
+    row = {"corrupted": corrupted, "weight_corrupted": None, "weight_clean": None}
+    if weights is not None:
+        for key, bad in (("weight_corrupted", True), ("weight_clean", False)):
+            w = [w for i, w in enumerate(weights) if bool(finite[i]) and (i in corrupted) == bad]
+            row[key] = sum(w) / len(w) if w else None
+    return row
 
 
 def _nanmean(x: torch.Tensor) -> float | None:

@@ -1,4 +1,4 @@
-"""I-AMFS math (DESIGN 1.1): RBF kernel, the closed-form regularised solve, the information term.
+"""I-AMFS math (DESIGN 1.1): RBF and linear kernels, the closed-form regularised solve, the information term.
 
 Pure tensor functions over the last two dimensions, so they work per task under vmap and
 batched over leading dimensions alike: no .item(), no data-dependent branches.
@@ -14,6 +14,11 @@ def rbf_kernel(a: torch.Tensor, b: torch.Tensor, log_bandwidth: torch.Tensor) ->
     # rounding can make a distance slightly negative; it must not become a kernel value > 1
     sq = sq.clamp_min(0.0)
     return torch.exp(-sq * (0.5 * torch.exp(-2.0 * log_bandwidth)))
+
+
+def linear_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(a_i, b_j) = a_i . b_j: the solve is then ridge regression on the features (R2-D2)."""
+    return a @ b.transpose(-1, -2)
 
 
 def _identity_like(K: torch.Tensor) -> torch.Tensor:

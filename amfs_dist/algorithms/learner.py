@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from amfs_dist.algorithms import kernel, maml
+from amfs_dist.algorithms import kernel, maml, protonet
 from amfs_dist.config import Config
 from amfs_dist.data.episodes import Episodes
 from amfs_dist.errors import UserError
@@ -49,18 +49,19 @@ class ParamLayout:
 
 
 class KernelHead(nn.Module):
-    """The kernel inner loop's own meta-parameters: log bandwidth, log lambda, output scale (and
-    bias, for regression)."""
+    """The kernel inner loop's own meta-parameters: log bandwidth (RBF only), log lambda, output
+    scale (and bias, for regression)."""
 
     def __init__(self, cfg: Config, regression: bool):
         super().__init__()
         k = cfg.kernel
-        log_bw = torch.tensor(math.log(k.bandwidth))
         log_lam = torch.tensor(math.log(k.lam))
-        if k.learn_bandwidth:
-            self.log_bandwidth = nn.Parameter(log_bw)
-        else:
-            self.register_buffer("log_bandwidth", log_bw)
+        if k.type == "rbf":
+            log_bw = torch.tensor(math.log(k.bandwidth))
+            if k.learn_bandwidth:
+                self.log_bandwidth = nn.Parameter(log_bw)
+            else:
+                self.register_buffer("log_bandwidth", log_bw)
         if k.learn_lam:
             self.log_lam = nn.Parameter(log_lam)
         else:
@@ -71,6 +72,15 @@ class KernelHead(nn.Module):
         # and Adam would turn float noise in it into full-size steps): regression only
         if regression:
             self.bias = nn.Parameter(torch.tensor(0.0))
+
+
+class ProtoHead(nn.Module):
+    """ProtoNet's one meta-parameter: a scale on the logits -||z - c_k||^2 (a learned softmax
+    temperature; it starts at 1, Snell et al.'s plain distances)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
 
 
 class MetaLearner:
@@ -91,6 +101,8 @@ class MetaLearner:
         out_dim = 1 if self.regression else self.ways
         if self.inner == "kernel":
             head = KernelHead(cfg, self.regression)
+        elif self.inner == "protonet":
+            head = ProtoHead()
         else:
             head = nn.Linear(features, out_dim)
         self.module = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device)
@@ -142,17 +154,28 @@ class MetaLearner:
         if k.normalize:
             z = F.normalize(z, dim=-1)
         zs, zq = z[:n_s], z[n_s:]
+        if k.type == "linear":
+            gram = kernel.linear_kernel
+        else:
+            gram = lambda a, b: kernel.rbf_kernel(a, b, p["head.log_bandwidth"])
         with _no_autocast(z.device):
-            log_bw, lam = p["head.log_bandwidth"], torch.exp(p["head.log_lam"])
-            K = kernel.rbf_kernel(zs, zs, log_bw)
+            lam = torch.exp(p["head.log_lam"])
+            K = gram(zs, zs)
             alpha = kernel.solve_coefficients(K, self._targets(ys, z.dtype), lam, k.mu)
             if first_order:
                 alpha = alpha.detach()
-            out = p["head.scale"] * (kernel.rbf_kernel(zq, zs, log_bw) @ alpha)
+            out = p["head.scale"] * (gram(zq, zs) @ alpha)
             if self.regression:
                 out = out + p["head.bias"]
             penalty = k.gamma * kernel.information_term(K, lam) / n_s if k.gamma > 0 else 0.0
         return out, penalty
+
+    def _protonet_predict(self, params: Params, xs, ys, xq):
+        n_s = xs.shape[0]
+        z = _at_least_float32(self._features(params, torch.cat([xs, xq]), n_s))
+        with _no_autocast(z.device):
+            protos = protonet.prototypes(z[:n_s], self._targets(ys, z.dtype))
+            return params["head.scale"] * protonet.logits(z[n_s:], protos), 0.0
 
     def _head_out(self, params: Params, x: torch.Tensor, n_stats: int | None) -> torch.Tensor:
         h = self._features(params, x, n_stats)
@@ -171,6 +194,8 @@ class MetaLearner:
         """Adapt to one task's support set, predict its queries: (outputs, loss penalty)."""
         if self.inner == "kernel":
             return self._kernel_predict(params, xs, ys, xq, self.cfg.kernel.first_order and training)
+        if self.inner == "protonet":
+            return self._protonet_predict(params, xs, ys, xq)
         steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
         return self._maml_predict(params, xs, ys, xq, steps)
 
@@ -200,7 +225,7 @@ class MetaLearner:
         params = {k: v.detach() for k, v in params.items()}
         fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False),
                   chunk_size=self.task_chunk)
-        grad_mode = torch.enable_grad() if self.inner != "kernel" else torch.no_grad()
+        grad_mode = torch.enable_grad() if self.inner in ("maml", "fomaml") else torch.no_grad()
         with grad_mode, self.autocast_context():
             loss, acc = fn(ep.xs, ep.ys, ep.xq, ep.yq)
         return loss.detach(), acc.detach()

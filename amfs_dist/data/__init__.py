@@ -53,6 +53,10 @@ def make_task_source(cfg: Config, input_shape: tuple[int, ...] | None = None,
     except ValueError as e:
         raise UserError(f"data.source={d.source}: {e}") from None
     check_episodes(cfg, source, training)
+    if d.conflict_fraction > 0:
+        from amfs_dist.data.conflict import ConflictingTasks
+        source = ConflictingTasks(source, d.conflict_fraction, d.conflict, cfg.seed,
+                                  cfg.train.meta_batch)
     return source
 
 

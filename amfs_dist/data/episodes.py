@@ -28,6 +28,8 @@ class Episodes:
     Classification: xs [T, n_s, C, H, W], ys [T, n_s] int64 in [0, ways). Images stay uint8
     (0-255) from the store to the device, a quarter of the bytes of float32; `to` makes them
     floats in [0, 1] there. Regression: xs [T, n_s, D], ys [T, n_s, 1] float32.
+    corrupted: [T] bool, the conflicting tasks of a training batch (data.conflict_fraction);
+    None where no task is corrupted.
     """
 
     xs: torch.Tensor
@@ -35,6 +37,7 @@ class Episodes:
     xq: torch.Tensor
     yq: torch.Tensor
     ways: int
+    corrupted: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -49,10 +52,11 @@ class Episodes:
                 return t.to(dtype or torch.float32).div_(255.0)
             return t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
         return Episodes(move(self.xs), self.ys.to(device), move(self.xq), self.yq.to(device),
-                        self.ways)
+                        self.ways, self.corrupted)
 
     def index(self, rows) -> "Episodes":
-        return Episodes(self.xs[rows], self.ys[rows], self.xq[rows], self.yq[rows], self.ways)
+        return Episodes(self.xs[rows], self.ys[rows], self.xq[rows], self.yq[rows], self.ways,
+                        None if self.corrupted is None else self.corrupted[rows])
 
 
 class TaskSource(Protocol):

@@ -171,14 +171,7 @@ class SweepSpec:
 
     def bundles(self) -> list[dict[str, float]]:
         """Placement group bundles: the trial's driver, then one per distributed worker."""
-        s, d = self.settings, self.base.dist
-        driver = {"CPU": float(s.trial_cpus)}
-        if s.trial_gpus:
-            driver["GPU"] = float(s.trial_gpus)
-        worker = {"CPU": float(d.cpus_per_worker)}
-        if d.gpus_per_worker:
-            worker["GPU"] = float(d.gpus_per_worker)
-        return [driver] + [dict(worker) for _ in range(d.workers)]
+        return placement_bundles(self.settings.trial_cpus, self.settings.trial_gpus, self.base.dist)
 
     def to_yaml_dict(self) -> dict:
         return {"base": self.base.to_dict(),
@@ -187,6 +180,18 @@ class SweepSpec:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_yaml_dict(), sort_keys=False))
+
+
+def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
+    """A training driver's placement group (a Tune trial, an experiment cell): its own bundle,
+    then one per distributed worker (dist.cpus_per_worker / gpus_per_worker)."""
+    driver = {"CPU": float(cpus)}
+    if gpus:
+        driver["GPU"] = float(gpus)
+    worker = {"CPU": float(dist.cpus_per_worker)}
+    if dist.gpus_per_worker:
+        worker["GPU"] = float(dist.gpus_per_worker)
+    return [driver] + [dict(worker) for _ in range(dist.workers)]
 
 
 # The embedded sweep (`amfs tune` with no --config); tuning/tiny-cpu.yaml holds the same.

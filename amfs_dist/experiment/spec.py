@@ -1,0 +1,181 @@
+"""The experiment file: a grid of ordinary training runs ("cells") over a base config.
+
+    description: what the experiment shows (free text)
+    base:        config keys, nested or dotted, over the defaults (as in `amfs train --config`)
+    grid:        {config key: [values]}: every combination is a cell
+    variants:    {name: {config key: value}}: named settings, crossed with the grid (ablation)
+    seeds:       N: each cell runs with seed = base seed + 0..N-1
+    resources:   {cpus, gpus}: each cell's driver; dist.workers add one bundle each
+                 (dist.cpus_per_worker / dist.gpus_per_worker), all in one placement group
+    test_steps:  [k, ...]: also evaluate MAML-type cells with maml.test_steps=k (0: no step)
+    cross_domain: {name: {config key: value}}: also evaluate every cell with these overrides
+                 (e.g. another data.source), as `amfs eval RUN key=value` does
+
+A file holding `experiments: {NAME: {...}, ...}` carries several experiments; its other
+top-level keys are defaults for each (base keys merge key by key). key=value overrides set a
+base key; one that the grid varies is fixed instead, leaving the grid.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amfs_dist.config import SCHEMA, ConfigError, flatten, parse_override, read_yaml_mapping, resolve
+
+EXPERIMENTS = ("compare", "steps", "cross-domain", "first-order", "stability", "ablation")
+SPEC_KEYS = ("description", "base", "grid", "variants", "seeds", "resources", "test_steps",
+             "cross_domain")
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str                  # its directory under cells/
+    values: dict[str, Any]     # the full flat config
+    settings: dict[str, Any]   # what the grid chose: grid keys, variant, seed
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list]
+    variants: dict[str, dict[str, Any]]
+    seeds: int
+    cpus: float
+    gpus: float
+    test_steps: list[int] = field(default_factory=list)
+    cross_domain: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+    source: str = "<default>"
+
+    def cells(self) -> list[Cell]:
+        """Every cell, validated as a config (errors name the cell's settings)."""
+        labels = _labels(list(self.grid))
+        out = []
+        variants = list(self.variants.items()) or [(None, {})]
+        for (variant, changes), combo in itertools.product(
+                variants, itertools.product(*self.grid.values())):
+            for i in range(self.seeds):
+                chosen = dict(zip(self.grid, combo))
+                values = {**self.base, **changes, **chosen}
+                values["seed"] = int(self.base.get("seed", 0)) + i
+                settings = ({"variant": variant} if variant else {}) | chosen | {"seed": values["seed"]}
+                try:
+                    values = resolve({}, values).to_flat()
+                except ConfigError as e:
+                    raise ConfigError(f"{self.source}: cell {settings}: {e}") from None
+                parts = ([variant] if variant else []) + [
+                    labels[k] + _value_label(k, v) for k, v in chosen.items()]
+                out.append(Cell("-".join(parts + [f"seed{values['seed']}"]), values, settings))
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{self.source}: two cells share a name; make the grid values "
+                              f"distinct ({sorted(n for n in names if names.count(n) > 1)[0]})")
+        return out
+
+    def bundles(self, values: dict[str, Any]) -> list[dict[str, float]]:
+        from amfs_dist.tune.space import placement_bundles
+        return placement_bundles(self.cpus, self.gpus, resolve({}, values).dist)
+
+    def to_dict(self) -> dict:
+        return {"description": self.description, "base": self.base, "grid": self.grid,
+                "variants": self.variants, "seeds": self.seeds,
+                "resources": {"cpus": self.cpus, "gpus": self.gpus},
+                "test_steps": self.test_steps, "cross_domain": self.cross_domain}
+
+
+def _labels(keys: list[str]) -> dict[str, str]:
+    """Short names of grid keys for cell names: the method's value alone, else the last part."""
+    short = {k: "" if k == "method" else k.split(".")[-1] for k in keys}
+    clash = {s for s in short.values() if s and list(short.values()).count(s) > 1}
+    return {k: (k if s in clash else s) for k, s in short.items()}
+
+
+def _value_label(key: str, value: Any) -> str:
+    text = Path(str(value)).name if key == "data.source" else str(value)
+    return re.sub(r"[^A-Za-z0-9._+]", "_", text)
+
+
+def default_file(name: str) -> Path:
+    """experiments/NAME.yaml: in the current directory (a checkout, a `ray job submit`
+    working_dir), else beside the package (an editable install of a checkout)."""
+    here = Path("experiments") / f"{name}.yaml"
+    if here.is_file():
+        return here
+    return Path(__file__).resolve().parents[2] / "experiments" / f"{name}.yaml"
+
+
+def load_experiment(name: str, path: str | Path | None = None,
+                    overrides: list[str] | None = None, seeds: int | None = None) -> ExperimentSpec:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"experiment {name!r}: must be one of {', '.join(EXPERIMENTS)}")
+    path = Path(path) if path else default_file(name)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path}: not found (pass --config FILE; the files ship "
+                          f"in the repository's experiments/ folder)")
+    tree = read_yaml_mapping(path, "experiment file")
+    if "experiments" in tree:
+        sections = tree.pop("experiments")
+        if not isinstance(sections, dict) or name not in sections:
+            raise ConfigError(f"{path}: experiments: has no {name!r} (it has "
+                              f"{', '.join(sections) if isinstance(sections, dict) else 'none'})")
+        section = sections[name] or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: experiments.{name}: expected a mapping")
+        merged = {**tree, **section}
+        merged["base"] = {**flatten(tree.get("base") or {}), **flatten(section.get("base") or {})}
+        tree = merged
+    return _parse(name, tree, str(path), overrides or [], seeds)
+
+
+def _mapping(tree: dict, key: str, where: str) -> dict:
+    value = tree.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _parse(name: str, tree: dict, where: str, overrides: list[str],
+           seeds: int | None) -> ExperimentSpec:
+    unknown = set(tree) - set(SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(SPEC_KEYS)})")
+    base = flatten(_mapping(tree, "base", where))
+    grid = _mapping(tree, "grid", where)
+    variants = {str(k): flatten(v or {}) for k, v in _mapping(tree, "variants", where).items()}
+    cross = {str(k): flatten(v or {}) for k, v in _mapping(tree, "cross_domain", where).items()}
+    for key in list(base) + list(grid) + [k for v in (*variants.values(), *cross.values()) for k in v]:
+        if key not in SCHEMA:
+            raise ConfigError(f"{where}: {key}: unknown config key")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{key}: expected a non-empty list, got {values!r}")
+    for key, value in (parse_override(o) for o in overrides):
+        if key not in SCHEMA:
+            raise ConfigError(f"{key}: unknown config key")
+        grid.pop(key, None)  # a value given on the command line fixes a grid dimension
+        base[key] = value
+        for changes in variants.values():
+            changes.pop(key, None)
+    seeds = tree.get("seeds", 3) if seeds is None else seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"{where}: seeds: expected an integer >= 1, got {seeds!r}")
+    res = _mapping(tree, "resources", where)
+    if set(res) - {"cpus", "gpus"}:
+        raise ConfigError(f"{where}: resources: only cpus and gpus, got {sorted(res)}")
+    cpus, gpus = res.get("cpus", 1), res.get("gpus", 0)
+    for key, v, low in (("cpus", cpus, 0), ("gpus", gpus, -1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
+            raise ConfigError(f"{where}: resources.{key}: expected a number "
+                              f"{'> 0' if low == 0 else '>= 0'}, got {v!r}")
+    steps = tree.get("test_steps") or []
+    if not isinstance(steps, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                          for s in steps):
+        raise ConfigError(f"{where}: test_steps: expected a list of integers >= 0, got {steps!r}")
+    spec = ExperimentSpec(name, base, grid, variants, seeds, float(cpus), float(gpus),
+                          list(steps), cross, str(tree.get("description") or ""), where)
+    spec.cells()  # every cell's config is valid before anything starts
+    return spec
