@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 
 COMMAND_MODULES = [
     "amfs_dist.commands.train",
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"amfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:
+        print(f"amfs: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("amfs: interrupted", file=sys.stderr)

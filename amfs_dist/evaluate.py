@@ -73,7 +73,7 @@ def eval_run(run_dir: str | Path, episodes: int | None = None,
              overrides: list[str] | None = None, progress: bool = False) -> dict:
     from amfs_dist.data import make_task_source
     cfg, learner, input_shape = load_run(run_dir, overrides)
-    source = make_task_source(cfg, input_shape)
+    source = make_task_source(cfg, input_shape, training=False)
     n = episodes or cfg.eval.episodes
     stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch,
                               progress=progress)

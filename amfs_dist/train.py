@@ -6,9 +6,12 @@ checkpoint holds everything else, so a resumed run ends where an uninterrupted o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,11 +25,14 @@ from amfs_dist.backend import GradientBackend, InProcessBackend, StepResult
 from amfs_dist.config import Config, load_config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
+# Slurm (USR1 before the time limit, TERM on preemption), Kubernetes and `ray job stop` (TERM)
+# and Ctrl-C (INT) all mean: finish this step, checkpoint, exit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingError(UserError):
@@ -62,6 +68,8 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0
         self._backend = backend
+        self.stop_signal: int | None = None
+        self._updating = self._stop_now = False  # a second stop signal waits for the update
 
     @property
     def backend(self) -> GradientBackend:
@@ -96,6 +104,7 @@ class Trainer:
         task_ids = list(range(self.cfg.train.meta_batch))
         res = self.backend.direction(self.learner.flat_params(), self.step, task_ids, self.weigh)
         t1 = time.perf_counter()
+        self._updating = True
         if res.direction is not None:
             grads = self.learner.layout.unflatten(res.direction.to(self.learner.device))
             for name, p in self.learner.params().items():
@@ -108,6 +117,9 @@ class Trainer:
         res.timings["update_s"] = time.perf_counter() - t1
         res.timings["step_s"] = time.perf_counter() - t0
         self.step += 1
+        self._updating = False
+        if self._stop_now:
+            raise KeyboardInterrupt
         return res
 
     def metrics_row(self, res: StepResult) -> dict:
@@ -126,6 +138,33 @@ class Trainer:
         return row
 
     # -- the loop --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_at_step_boundary(self):
+        """While training, a stop signal ends the current step, then checkpoints and stops.
+
+        A second signal stops at once (KeyboardInterrupt): the checkpoint then holds the last
+        finished step. Handlers can only be set from the main thread (a Tune trial runs fit in
+        another one, and Tune stops it its own way), so elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            elif self._updating:  # parameters half updated: stop right after the update
+                self._stop_now = True
+            else:
+                raise KeyboardInterrupt
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
     def validate(self) -> dict:
         t = self.cfg.train
         return evaluate_episodes(self.learner, self.source, "val", t.val_episodes,
@@ -138,8 +177,9 @@ class Trainer:
         _truncate_metrics(metrics, self.step)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"{self.cfg.method_name} meta-train",
                    disable=not progress, dynamic_ncols=True)
+        _ = self.backend  # started before the handlers are set: ray.init sets its own
         try:
-            with metrics.open("a") as log:
+            with metrics.open("a") as log, self.stop_at_step_boundary():
                 while self.step < t.steps:
                     res = self.train_step()
                     row = self.metrics_row(res)
@@ -163,6 +203,11 @@ class Trainer:
                                          if row.get(v) is not None})
                     if on_step:
                         on_step(self, row)
+                    if self.stop_signal is not None and self.step < t.steps:
+                        name = signal.Signals(self.stop_signal).name
+                        raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
+                                         f"saved: resume with `amfs train --resume "
+                                         f"{self.run_dir}`", self.stop_signal)
         except BaseException as e:
             self.save_checkpoint()  # nothing done so far is lost: resume from here
             if isinstance(e, KeyboardInterrupt):

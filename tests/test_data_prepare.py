@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pickle
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,16 +245,25 @@ def test_existing_out_is_refused_before_converting(tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     src = lake_tree(tmp_path / "src")
-    assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["data.arrow", "manifest.json"]
+    # --force replaces a store, never a folder of the user's (issue 8, item 1)
+    assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 2
+    assert "is not an amfs data store (it holds 'keep.txt')" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    store = tmp_path / "store"
+    assert prepare("omniglot", "--src", src, "--out", store, "--split", "lake") == 0
+    first = read_manifest(store)["content_sha256"]
+    assert prepare("omniglot", "--src", src, "--out", store, "--split", "lake", "--force",
+                   "--image-size", "14") == 0
+    assert sorted(p.name for p in store.iterdir()) == ["data.arrow", "manifest.json"]
+    assert read_manifest(store)["content_sha256"] != first
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path, capsys):
-    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path, "--rotations",
+    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path / "src", "--rotations",
                  message="--rotations does not apply to cub", names="cub")
-    assert_fails(capsys, tmp_path / "out", "cifar-fs", "--src", tmp_path, "--bbox-crop",
+    assert_fails(capsys, tmp_path / "out", "cifar-fs", "--src", tmp_path / "src", "--bbox-crop",
                  message="--bbox-crop does not apply to cifar-fs", names="cifar-fs")
-    assert_fails(capsys, tmp_path / "out", "omniglot", "--src", tmp_path, "--image-size", "0",
+    assert_fails(capsys, tmp_path / "out", "omniglot", "--src", tmp_path / "src", "--image-size", "0",
                  message="--image-size must be >= 1", names="0")
 
 
@@ -397,8 +411,9 @@ def test_cub_errors(tmp_path, capsys):
     broken.unlink()
     assert_fails(capsys, tmp_path / "out", "cub", "--src", src,
                  message="image listed in images.txt not found", names=str(broken))
-    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path,
-                 message="folder not found", names=str(tmp_path / "images"))
+    (tmp_path / "empty").mkdir()
+    assert_fails(capsys, tmp_path / "out", "cub", "--src", tmp_path / "empty",
+                 message="folder not found", names=str(tmp_path / "empty" / "images"))
 
 
 # --- CIFAR-100: FC100 and CIFAR-FS --------------------------------------------------------
@@ -581,3 +596,77 @@ def test_bench_data_reports_the_trainer_rate(tmp_path, monkeypatch):
                         types.SimpleNamespace(tasks_per_second=tasks_per_second))
     assert bench_data.trainer_rate(tmp_path / "store", 32, 2) == (12.5, None)
     assert seen == {"source": str(tmp_path / "store"), "batch": 32, "steps": 2}
+
+
+# --- the store's folder: killed prepares, permissions, class order (issue 8) -------------
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+import pyarrow.ipc
+real_new_file = pyarrow.ipc.new_file
+def new_file_then_die(*args, **kwargs):
+    real_new_file(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9` mid-write would
+pyarrow.ipc.new_file = new_file_then_die
+from amfs_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(tmp_path):
+    src = lake_tree(tmp_path / "src")
+    out = tmp_path / "stores" / "omni"
+    args = ["data", "prepare", "omniglot", "--src", str(src), "--out", str(out), "--split",
+            "lake"]
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, *args])
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    stale = [p.name for p in out.parent.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith(".omni.tmp-") and not out.exists()
+    assert amfs(args) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["omni"]
+
+    from amfs_dist.data.store import _host
+    kept = [f".omni.tmp-{_host()}-{os.getpid()}-running1",  # a prepare still at work
+            f".omni.tmp-elsewhere-{killed.pid}-otherhost",  # another machine's: can't tell
+            f".omni.tmp-{_host()}-{killed.pid}-usersfile",  # holds a file that is not ours
+            ".omni.tmp-notes"]  # not a name of ours
+    for name in kept:
+        (out.parent / name).mkdir()
+    (out.parent / kept[2] / "thesis.txt").write_text("mine")
+    gone = out.parent / f".omni.tmp-{_host()}-{killed.pid}-deadone1"
+    gone.mkdir()
+    (gone / "data.arrow").write_bytes(b"half a store")
+    assert amfs(args + ["--force"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(kept + ["omni"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_a_store_gets_the_modes_of_the_umask(tmp_path, umask):
+    src = lake_tree(tmp_path / "src")
+    previous = os.umask(umask)
+    try:
+        assert prepare("omniglot", "--src", src, "--out", tmp_path / "s", "--split", "lake") == 0
+        assert prepare("omniglot", "--src", src, "--out", tmp_path / "s", "--split", "lake",
+                       "--force") == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o777 & ~umask
+    for file in (tmp_path / "s").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+
+
+def test_class_order_is_the_documented_one(tmp_path):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "datasets.md").read_text()
+    assert "run split by split" not in doc  # it never did (lake, cub, --rotations)
+    assert "not* split by split" in doc and "then all of them at 90, 180 and 270" in doc
+    src = lake_tree(tmp_path / "src")
+    assert prepare("omniglot", "--src", src, "--out", tmp_path / "s", "--split", "lake",
+                   "--rotations") == 0
+    data = open_store(tmp_path / "s")
+    characters = [f"{a}/character{c:02d}" for a in ("Alpha", "Beta", "Gamma", "Delta")
+                  for c in (1, 2)]  # background alphabets by name, then evaluation
+    assert data.class_names == [f"{name}/rot{k:03d}" for k in (0, 90, 180, 270)
+                                for name in characters]
+    split_of = {c: s for s, classes in data.splits.items() for c in classes.tolist()}
+    assert [split_of[c] for c in range(8)] == ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    assert [split_of[c] for c in range(8, 16)] == [split_of[c] for c in range(8)]

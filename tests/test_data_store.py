@@ -1,6 +1,8 @@
 """The Arrow store: round trip, memory mapping, validation, atomic writes, episodes, conversion."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -9,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.convert import image_converter
@@ -274,3 +278,62 @@ def test_converter_as_the_samplers_transform_for_cross_domain_episodes(store):
     back = torch.nn.functional.interpolate(a.to("cpu").xq.flatten(0, 1), size=(12, 12), mode="bilinear",
                                            antialias=True, align_corners=False).clamp(0, 1)
     assert torch.allclose(b.xq.flatten(0, 1), back.expand(-1, 3, -1, -1))
+
+
+# --- any manifest loads or is one UserError line (issue 8, item 16) ----------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=10)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("manifests") / "store"
+    write_store(path, class_marked_set(), source="unit", split_name="fixed")
+    return path
+
+
+def manifest_texts(valid: dict):
+    """Raw bytes, any JSON, and the valid manifest with one field replaced, dropped or nested
+    deeper; image shapes with the right byte count in another order."""
+    def replaced(kv):
+        return {**valid, kv[0]: kv[1]}
+
+    def in_split(t):
+        out = json.loads(json.dumps(valid))
+        out["splits"].setdefault(t[0], {})[t[1]] = t[2]
+        return out
+
+    fields = st.sampled_from(sorted(valid))
+    manifests = st.one_of(
+        JSON, st.tuples(fields, JSON).map(replaced),
+        fields.map(lambda k: {f: v for f, v in valid.items() if f != k}),
+        st.tuples(st.sampled_from(["train", "val", "test", "other"]),
+                  st.sampled_from(["classes", "images"]), JSON).map(in_split),
+        st.permutations([1, 6, 6]).map(lambda s: {**valid, "image_shape": s}))
+    return st.binary(max_size=40) | manifests.map(lambda m: json.dumps(m).encode())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_manifest_loads_or_is_one_user_error(pristine, data):
+    valid = json.loads((pristine / "manifest.json").read_text())
+    store = pristine.parent / "edited"
+    if not store.exists():
+        store.mkdir()
+        os.link(pristine / "data.arrow", store / "data.arrow")
+    (store / "manifest.json").write_bytes(data.draw(manifest_texts(valid)))
+    try:
+        read_manifest(store)
+        open_store(store)
+    except StoreError as e:  # any other exception fails the test
+        assert "\n" not in str(e) and str(store) in str(e)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = amfs(["data", "info", str(store)])
+    assert rc in (0, 2)
+    assert rc == 0 or (err.getvalue().startswith("amfs: error: ") and
+                       err.getvalue().count("\n") == 1 and str(store) in err.getvalue())

@@ -1,11 +1,13 @@
 """The embedded data sets and the seeded episode sampler."""
 import numpy as np
+import pytest
 import torch
 
+from amfs_dist.cli import main as amfs
 from amfs_dist.config import load_config
 from amfs_dist.data import make_task_source
-from amfs_dist.data.synthetic import (GLYPH_CLASSES, GLYPH_INSTANCES, SinusoidTasks, glyph_images,
-                                     render_glyphs)
+from amfs_dist.data.synthetic import (_RENDER_VERSION, GLYPH_CLASSES, GLYPH_INSTANCES,
+                                     SinusoidTasks, glyph_images, render_glyphs)
 
 
 def test_glyphs_are_deterministic_and_class_disjoint(tmp_path, monkeypatch):
@@ -79,3 +81,48 @@ def test_sinusoid_tasks():
     basis = torch.stack([torch.sin(x), torch.cos(x)], 1)
     coef = torch.linalg.lstsq(basis, y[:, None]).solution
     torch.testing.assert_close(basis @ coef, y[:, None], atol=1e-5, rtol=0)
+
+
+# --- a damaged glyph cache is rendered again, not used (issue 8, item 8) -----------------
+
+@pytest.mark.slow  # renders the 14,400 glyphs at 16x16 once: ~25 s on 2 busy cores
+def test_a_glyph_cache_file_of_the_wrong_shape_is_rebuilt(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("AMFS_CACHE", str(cache))
+    name = f"glyphs-v{_RENDER_VERSION}-s0-16px-{GLYPH_INSTANCES}-" + "-".join(
+        f"{split}{n}" for split, n in GLYPH_CLASSES.items()) + ".npy"
+    np.save(cache / name, np.zeros((10, 1, 16, 16), np.uint8))  # e.g. from another version
+    glyph_images.cache_clear()
+    try:
+        rc = amfs(["train", "--no-progress", "--out", str(tmp_path / "run"),
+                   "data.source=synthetic", "data.image_size=16", "train.steps=0", "data.ways=3",
+                   "model.width=8", "eval.episodes=2", "eval.queries=2", "eval.batch=2"])
+    finally:
+        glyph_images.cache_clear()
+    assert rc == 0, capsys.readouterr().err
+    rebuilt = np.load(cache / name)
+    assert rebuilt.shape == (sum(GLYPH_CLASSES.values()) * GLYPH_INSTANCES, 1, 16, 16)
+    last = len(rebuilt) // GLYPH_INSTANCES - 1
+    assert np.array_equal(rebuilt[-GLYPH_INSTANCES:],
+                          render_glyphs(0, 16, GLYPH_INSTANCES, [last]))
+    assert [p.name for p in cache.iterdir()] == [name]  # replaced in place, no temporary left
+
+
+@pytest.mark.parametrize("damage", ["dtype", "content", "truncated", "not-npy"])
+def test_a_damaged_glyph_cache_file_is_rendered_again(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path))
+    small = (("train", 3), ("test", 2))
+    good = glyph_images.__wrapped__(0, 20, 2, small).images
+    (path,) = tmp_path.glob("glyphs-*.npy")
+    if damage == "dtype":
+        np.save(path, good.astype(np.float32))
+    elif damage == "content":
+        np.save(path, 255 - good)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(b"PK\x03\x04 not a numpy file")
+    assert np.array_equal(glyph_images.__wrapped__(0, 20, 2, small).images, good)
+    cached = np.load(path)
+    assert cached.dtype == np.uint8 and np.array_equal(cached, good)

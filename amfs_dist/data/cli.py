@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def register(subparsers) -> None:
                               "cifar-100-python); only for files you trust")
     prepare.add_argument("--bbox-crop", action="store_true",
                          help="cub only: crop every image to its bounding box")
-    prepare.add_argument("--force", action="store_true", help="replace an existing --out")
+    prepare.add_argument("--force", action="store_true",
+                         help="replace an existing store at --out (never any other folder)")
     prepare.set_defaults(func=run_prepare)
 
     info = sub.add_parser("info", help="print the classes and images of a store per split",
@@ -57,10 +59,21 @@ def register(subparsers) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from amfs_dist.data import prepare
     from amfs_dist.data.prepare.common import PrepareOptions
-    from amfs_dist.data.store import StoreError, open_store, write_store
+    from amfs_dist.data.store import StoreError, check_replaceable, open_store, write_store
 
-    if args.out.exists() and not args.force:  # refuse before a long conversion, not after
-        raise StoreError(f"{args.out} already exists; pass --force to replace it")
+    # refuse before a long conversion, not after
+    src, out = args.src.resolve(), args.out.resolve()
+    if out == src or src in out.parents:
+        raise StoreError(f"--out {args.out} is the source folder --src {args.src} or inside "
+                         f"it: a store there would become part of the source data; choose an "
+                         f"--out outside it")
+    if out in src.parents:
+        raise StoreError(f"--src {args.src} is inside --out {args.out}; choose an --out "
+                         f"outside the source data")
+    if os.path.lexists(args.out):
+        if not args.force:
+            raise StoreError(f"{args.out} already exists; pass --force to replace it")
+        check_replaceable(args.out)
     opts = PrepareOptions(image_size=args.image_size, split=args.split, rotations=args.rotations,
                           allow_pickle=args.allow_pickle, bbox_crop=args.bbox_crop)
     start = time.perf_counter()

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -39,6 +42,90 @@ COLUMNS = ("image", "label", "class_name", "group", "split")
 
 class StoreError(UserError):
     """A path that is not a valid store, or a store that cannot be written."""
+
+
+# -- the folder a store is written into ------------------------------------------------------
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(out: Path, kind: str) -> str:
+    """`.NAME.tmp-HOST-PID-` (a store being written) or `.NAME.old-HOST-PID-` (the store that
+    --force replaces): the owner is in the name, so a later prepare can tell a stale one."""
+    return f".{out.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process; no pid: can't tell
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the hidden folders beside `out` that a prepare killed outright (SIGKILL, power
+    loss) left behind. Only ours: the name is ours, the owner ran on this machine and is gone,
+    and the folder holds nothing but what we write; a running prepare's folder is kept."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_.]+)"
+                         rf"-(?P<pid>\d{{1,10}})-[a-z0-9_]+")
+    ours = {"tmp": {DATA_FILE, MANIFEST_FILE}, "old": {"store"}}
+    removed = []
+    for entry in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.fullmatch(entry.name)
+        if not m or m["host"] != _host() or entry.is_symlink() or not entry.is_dir() \
+                or _process_alive(int(m["pid"])):
+            continue
+        try:
+            if {p.name for p in entry.iterdir()} <= ours[m["kind"]]:
+                shutil.rmtree(entry)
+                removed.append(entry)
+        except OSError:
+            pass  # not ours to read or remove after all: leave it
+    return removed
+
+
+def check_replaceable(out: Path) -> None:
+    """--force replaces only a store of ours: a folder holding nothing but a store's files, with
+    our manifest. Anything else (a user's folder, a file) is refused and nothing is deleted."""
+    if not os.path.lexists(out):
+        return
+    refuse = "--force replaces only a store made by `amfs data prepare`; nothing was deleted"
+    if out.is_symlink() or not out.is_dir():
+        raise StoreError(f"--out {out} is not a folder; {refuse}")
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise StoreError(f"--out {out}: cannot list it ({e.strerror}); {refuse}") from None
+    if not names:
+        return  # an empty folder holds nothing to lose
+    other = [n for n in names if n not in (DATA_FILE, MANIFEST_FILE)]
+    if other:
+        raise StoreError(f"--out {out} is not an amfs data store (it holds {other[0]!r}"
+                         f"{f' and {len(other) - 1} more' if len(other) > 1 else ''}); {refuse}")
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text()) \
+            if (out / MANIFEST_FILE).is_file() else None
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        raise StoreError(f"--out {out} is not an amfs data store (no {MANIFEST_FILE} of "
+                         f"format {STORE_FORMAT!r}); {refuse}")
+
+
+def _umask() -> int:
+    try:  # Linux tells it without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def content_hash(data: ImageSet) -> str:
@@ -89,11 +176,14 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
     """Write `data` as a store at `out`, atomically; returns the manifest.
 
     Everything is written into a temporary folder beside `out` and renamed into place, so a
-    failure (or Ctrl-C) leaves no store and no temporary folder behind.
+    failure (or Ctrl-C) leaves no store and no temporary folder behind; the folders of earlier
+    prepares that were killed outright are removed first. With force, only a store is replaced.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise StoreError(f"{out} already exists; pass --force to replace it")
+    if os.path.lexists(out):
+        if not force:
+            raise StoreError(f"{out} already exists; pass --force to replace it")
+        check_replaceable(out)
     images = np.asarray(data.images)
     labels = np.asarray(data.labels, dtype=np.int64)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -134,14 +224,16 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     try:
         with pa.OSFile(str(tmp / DATA_FILE), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, len(images)))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the files already honour it
         if out.exists():  # --force: move the old store aside only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
             os.rename(out, old / "store")
             try:
                 os.rename(tmp, out)
@@ -158,7 +250,45 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
     return manifest
 
 
+def _show(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(value, positive: bool = False) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and value >= (1 if positive else 0))
+
+
+def _check_manifest(file: Path, manifest: dict) -> None:
+    """Every field a reader uses has its type and range; the error names the file and field."""
+    def bad(field, expected):
+        return StoreError(f"{file}: '{field}' must be {expected}, got "
+                          f"{_show(manifest.get(field))}")
+
+    shape = manifest.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_count(d, True) for d in shape)):
+        raise bad("image_shape", "[C, H, W], three positive integers")
+    for field in ("num_images", "num_classes"):
+        if not _count(manifest.get(field)):
+            raise bad(field, "a non-negative integer")
+    for field in ("source", "split", "content_sha256"):
+        if not isinstance(manifest.get(field), str):
+            raise bad(field, "a string")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS):
+        raise bad("splits", f"an object with the keys {', '.join(SPLITS)}")
+    for split in SPLITS:
+        entry = splits[split]
+        for key in ("classes", "images"):
+            if not isinstance(entry, dict) or not _count(entry.get(key)):
+                value = entry.get(key) if isinstance(entry, dict) else entry
+                raise StoreError(f"{file}: 'splits.{split}.{key}' must be a non-negative "
+                                 f"integer, got {_show(value)}")
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The manifest of the store at `path`, checked field by field (a StoreError otherwise)."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path}: no such store folder (create one with `amfs data prepare`)")
@@ -168,14 +298,17 @@ def read_manifest(path: str | Path) -> dict:
                          f"(create one with `amfs data prepare`)")
     try:
         manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{file}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise StoreError(f"{file}: not valid JSON ({type(e).__name__})") from None
+    except OSError as e:
+        raise StoreError(f"{file}: cannot read ({e.strerror})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{file}: not an amfs data store manifest (format is not "
                          f"{STORE_FORMAT!r})")
     if manifest.get("version") != STORE_VERSION:
-        raise StoreError(f"{file}: store version {manifest.get('version')!r} is not supported "
-                         f"(expected {STORE_VERSION}); prepare the store again")
+        raise StoreError(f"{file}: store version {_show(manifest.get('version'))} is not "
+                         f"supported (expected {STORE_VERSION}); prepare the store again")
+    _check_manifest(file, manifest)
     return manifest
 
 
@@ -196,21 +329,34 @@ def open_store(path: str | Path, verify: bool = False) -> ImageSet:
             raise StoreError(f"{data_file}: expected one record batch, found "
                              f"{reader.num_record_batches}")
         batch = reader.get_batch(0)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        schema_shape = (reader.schema.metadata or {}).get(b"amfs.image_shape", b"null")
+    except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{data_file}: not a readable Arrow file ({e})") from None
     if tuple(batch.schema.names) != COLUMNS:
         raise StoreError(f"{data_file}: columns {batch.schema.names}, expected {list(COLUMNS)}")
+    for column, kind in (("label", pa.int64()), ("class_name", pa.string()),
+                         ("group", pa.string()), ("split", pa.string())):
+        found = batch.column(column)
+        if found.type != kind or found.null_count:
+            raise StoreError(f"{data_file}: column '{column}' must be {kind} without nulls, "
+                             f"found {found.type} with {found.null_count} null(s)")
 
     def mismatch(what, in_manifest, in_table):
         return StoreError(f"{path}: manifest mismatch: {what} is {in_manifest} in "
                           f"{MANIFEST_FILE} but {in_table} in {DATA_FILE}")
 
-    shape = tuple(manifest.get("image_shape", ()))
+    shape = tuple(manifest["image_shape"])
     image_column = batch.column("image")
-    image_bytes = int(np.prod(shape)) if len(shape) == 3 else -1
+    image_bytes = math.prod(shape)
     if not pa.types.is_fixed_size_binary(image_column.type) or \
-            image_column.type.byte_width != image_bytes:
-        raise mismatch("the image size", shape, image_column.type)
+            image_column.type.byte_width != image_bytes or image_column.null_count:
+        raise mismatch("the image size", list(shape), image_column.type)
+    try:  # the same byte count in another order (e.g. [3, 28, 28] for [28, 28, 3]) is not it
+        in_schema = json.loads(schema_shape)
+    except (ValueError, RecursionError):
+        in_schema = schema_shape.decode(errors="replace")
+    if in_schema != list(shape):
+        raise mismatch("image_shape", list(shape), f"{_show(in_schema)} (schema metadata)")
     n = len(batch)
     if manifest.get("num_images") != n:
         raise mismatch("the number of images", manifest.get("num_images"), n)
@@ -221,9 +367,9 @@ def open_store(path: str | Path, verify: bool = False) -> ImageSet:
     labels = batch.column("label").to_numpy(zero_copy_only=True)
 
     classes, first_row = np.unique(labels, return_index=True)
-    if len(classes) != manifest.get("num_classes") or \
+    if len(classes) != manifest["num_classes"] or \
             (len(classes) and (classes[0] != 0 or classes[-1] != len(classes) - 1)):
-        raise mismatch("the classes", f"0..{manifest.get('num_classes', 0) - 1}",
+        raise mismatch("the classes", f"0..{manifest['num_classes'] - 1}",
                        f"labels {classes[:3].tolist()}..")
     first = pa.array(first_row)
     class_table = {}
@@ -239,10 +385,10 @@ def open_store(path: str | Path, verify: bool = False) -> ImageSet:
         raise StoreError(f"{data_file}: unknown split names {sorted(unknown)}")
     summary = _summary(labels, class_splits)
     for split in SPLITS:
-        listed = manifest.get("splits", {}).get(split, {})
+        listed = manifest["splits"][split]
         for key in ("classes", "images"):
-            if listed.get(key, 0) != summary[split][key]:
-                raise mismatch(f"the number of {key} in split '{split}'", listed.get(key, 0),
+            if listed[key] != summary[split][key]:
+                raise mismatch(f"the number of {key} in split '{split}'", listed[key],
                                summary[split][key])
     data = ImageSet(
         images=images, labels=labels, class_names=class_table["class_name"],

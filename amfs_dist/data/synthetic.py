@@ -85,21 +85,17 @@ def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES
     key = f"glyphs-v{_RENDER_VERSION}-s{seed}-{size}px-{instances}-" + "-".join(
         f"{name}{n}" for name, n in classes)
     path = _cache_dir() / f"{key}.npy"
-    images = None
-    if path.is_file():
-        try:
-            images = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            images = None  # a damaged cache file is rendered again
+    n_classes = sum(n for _, n in classes)
+    images = _load_cached(path, seed, size, instances, n_classes)
     if images is None:
-        images = render_glyphs(seed, size, instances, sum(n for _, n in classes))
-        try:
+        images = render_glyphs(seed, size, instances, n_classes)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        try:  # write then rename: readers see the old file or the whole new one
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, images)
             os.replace(tmp, path)
         except OSError:
-            pass  # a read-only home is fine: the images are just rendered each time
+            tmp.unlink(missing_ok=True)  # a read-only home is fine: rendered each time
     labels = np.repeat(np.arange(len(images) // instances), instances)
     splits, first = {}, 0
     for name, count in classes:
@@ -109,10 +105,34 @@ def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES
     return ImageSet(images, labels, names, splits)
 
 
-def render_glyphs(seed: int, size: int, instances: int, n_classes: int) -> np.ndarray:
-    """uint8 [n_classes * instances, 1, size, size], class-major; class c depends on (seed, c) only."""
+def _load_cached(path: Path, seed: int, size: int, instances: int, n_classes: int
+                 ) -> np.ndarray | None:
+    """The cached images if they are what render_glyphs would give, else None (render again):
+    the shape and dtype must match, and so must the first and last classes, rendered afresh
+    (a pixel may differ by one level where float rounding lands on a half)."""
+    if not path.is_file():
+        return None
+    try:
+        images = np.load(path, allow_pickle=False)
+    except Exception:  # truncated, not a .npy file, a damaged header: it is only a cache
+        return None
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or \
+            images.shape != (n_classes * instances, 1, size, size):
+        return None
+    for c in {0, n_classes - 1}:
+        fresh = render_glyphs(seed, size, instances, [c]).astype(np.int16)
+        if np.abs(images[c * instances:(c + 1) * instances] - fresh).max() > 1:
+            return None
+    return images
+
+
+def render_glyphs(seed: int, size: int, instances: int, n_classes: int | list[int]
+                  ) -> np.ndarray:
+    """uint8 [classes * instances, 1, size, size], class-major, for classes 0..n_classes-1 (or
+    the listed ones); class c depends on (seed, c) only."""
+    wanted = range(n_classes) if isinstance(n_classes, int) else n_classes
     drawn = [_glyph_class(np.random.default_rng([seed, 0x61796C67, c]), instances)
-             for c in range(n_classes)]
+             for c in wanted]
     points = torch.from_numpy(np.concatenate([p for p, _ in drawn])).float()
     width = torch.from_numpy(np.concatenate([w for _, w in drawn])).float()
     return (_render(points, width, size) * 255).round().to(torch.uint8).numpy()

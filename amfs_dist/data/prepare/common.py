@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,8 +66,27 @@ def require_dir(path: Path, what: str) -> Path:
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
+        if path.exists():
+            raise PrepareError(f"{path}: not a regular file ({what})")
         raise PrepareError(f"{path}: file not found ({what})")
     return path
+
+
+def open_regular(path: Path):
+    """`path` opened for binary reading, if it is a regular file. A FIFO, device or socket is
+    refused without waiting on it (a FIFO opened plainly would block until a writer came)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise PrepareError(f"{path}: image file not found") from None
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PrepareError(f"{path}: not a regular file (a FIFO, device, socket or folder); "
+                           f"refusing to read it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def warn(message: str) -> None:
@@ -91,11 +111,9 @@ def open_image(path: Path) -> Image.Image:
 
     PIL rather than torchvision.io: torchvision's decoders are deprecated since 0.29."""
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as f, Image.open(f) as image:
             image.load()
             return image
-    except FileNotFoundError:
-        raise PrepareError(f"{path}: image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PrepareError(f"{path}: cannot decode image ({e})") from None
 

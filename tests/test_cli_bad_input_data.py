@@ -1,0 +1,200 @@
+"""Bad input about data, through the CLI: one table of commands that must be refused.
+
+Every row runs one `amfs` command on a small setup and expects its exit code, one stderr line
+`amfs: error: ...` naming the path or key, no traceback, and nothing written or deleted:
+the listing of the test's folder (names, sizes, modification times) is the same before and
+after. Rows marked `subprocess` run `python -m amfs_dist` with a timeout (a hang fails them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pytest
+from test_data_prepare import lake_tree
+from test_data_store import class_marked_set
+
+from amfs_dist.cli import main as amfs
+from amfs_dist.data.store import write_store
+
+TRAIN = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.steps=2",
+         "train.meta_batch=2", "train.val_every=0", "eval.episodes=2", "eval.queries=2",
+         "eval.batch=2"]
+
+
+def store(tmp: Path, name: str = "store", per_class: int = 5, splits=(6, 3, 3)) -> Path:
+    path = tmp / name
+    data = class_marked_set(classes=sum(splits), per_class=per_class, shape=(1, 8, 8),
+                            splits=splits)
+    write_store(path, data, source="unit", split_name="fixed")
+    return path
+
+
+def edit_manifest(path: Path, **fields) -> Path:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(fields)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def edit_labels(path: Path, column: pa.Array) -> Path:
+    """Rewrite data.arrow with another label column (schema metadata kept)."""
+    table = pa.ipc.open_file(pa.py_buffer((path / "data.arrow").read_bytes())).read_all()
+    table = table.set_column(1, pa.field("label", column.type), column)
+    with pa.OSFile(str(path / "data.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=len(table))
+    return path
+
+
+def user_folder(tmp: Path) -> Path:
+    (tmp / "U" / "sub").mkdir(parents=True)
+    (tmp / "U" / "thesis.txt").write_text("notes")
+    (tmp / "U" / "sub" / "results.csv").write_text("data")
+    return tmp / "U"
+
+
+def src(tmp: Path) -> Path:
+    return lake_tree(tmp / "SRC", per_class=2)
+
+
+def with_fifo(tmp: Path) -> Path:
+    root = src(tmp)
+    os.mkfifo(root / "images_background" / "Beta" / "character01" / "09.png")
+    return root
+
+
+def prepare(*args) -> list[str]:
+    return ["data", "prepare", "omniglot", "--split", "lake", *map(str, args)]
+
+
+def train(tmp: Path, source: Path, *overrides: str) -> list[str]:
+    return ["train", "--no-progress", "--out", str(tmp / "run"), f"data.source={source}",
+            *TRAIN, *overrides]
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]]  # builds the setup under tmp, returns the command
+    names: tuple[str, ...]  # the message contains each ('{tmp}' is the test's folder)
+    rc: int = 2
+    subprocess: bool = False
+
+
+CASES = [
+    # item 1: --force replaces only a store; --out and --src may not nest
+    Case("force-on-a-user-folder",
+         lambda t: prepare("--src", src(t), "--out", user_folder(t), "--force"),
+         ("{tmp}/U", "not an amfs data store", "nothing was deleted")),
+    Case("force-out-is-src", lambda t: prepare("--src", src(t), "--out", t / "SRC", "--force"),
+         ("--out {tmp}/SRC", "--src {tmp}/SRC")),
+    Case("out-inside-src", lambda t: prepare("--src", src(t), "--out", t / "SRC" / "store"),
+         ("--out {tmp}/SRC/store", "inside")),
+    Case("src-inside-out",
+         lambda t: prepare("--src", lake_tree(user_folder(t) / "src"), "--out", t / "U",
+                           "--force"), ("--src {tmp}/U/src is inside --out {tmp}/U",)),
+    Case("force-on-a-store-holding-a-user-file",
+         lambda t: (store(t).joinpath("notes.txt").write_text("mine"),
+                    prepare("--src", src(t), "--out", t / "store", "--force"))[1],
+         ("{tmp}/store", "notes.txt")),
+    Case("force-on-a-foreign-manifest",
+         lambda t: prepare("--src", src(t), "--out", edit_manifest(store(t), format="other"),
+                           "--force"), ("{tmp}/store", "manifest.json")),
+    Case("force-on-a-file",
+         lambda t: ((t / "out").write_text("x"),
+                    prepare("--src", src(t), "--out", t / "out", "--force"))[1],
+         ("--out {tmp}/out is not a folder",)),
+    Case("existing-out-without-force",
+         lambda t: prepare("--src", src(t), "--out", store(t)), ("{tmp}/store", "--force")),
+    # item 19: a FIFO named *.png must not hang prepare
+    Case("fifo-named-png", lambda t: prepare("--src", with_fifo(t), "--out", t / "out"),
+         ("{tmp}/SRC/images_background/Beta/character01/09.png", "not a regular file"),
+         subprocess=True),
+    # item 16: manifests and tables that are not what a store holds
+    Case("manifest-image-shape-not-integers",
+         lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=["1", 8, 8]))],
+         ("{tmp}/store/manifest.json", "'image_shape'")),
+    Case("manifest-image-shape-negative",
+         lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=[-1, -8, 8]))],
+         ("{tmp}/store/manifest.json", "'image_shape'")),
+    Case("manifest-num-classes-float",
+         lambda t: ["data", "info", str(edit_manifest(store(t), num_classes=12.5))],
+         ("{tmp}/store/manifest.json", "'num_classes'")),
+    Case("manifest-num-classes-negative",
+         lambda t: ["data", "info", str(edit_manifest(store(t), num_classes=-1))],
+         ("{tmp}/store/manifest.json", "'num_classes'")),
+    Case("manifest-splits-empty-list",
+         lambda t: ["data", "info", str(edit_manifest(store(t), splits=[]))],
+         ("{tmp}/store/manifest.json", "'splits'")),
+    Case("manifest-image-shape-permuted",
+         lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=[8, 1, 8]))],
+         ("{tmp}/store", "image_shape", "schema metadata")),
+    Case("label-column-of-strings",
+         lambda t: ["data", "info", str(edit_labels(store(t), pa.array(["0"] * 60)))],
+         ("{tmp}/store/data.arrow", "'label'")),
+    Case("label-column-with-nulls",
+         lambda t: ["data", "info", str(edit_labels(store(t), pa.array(
+             [None] + [i // 5 for i in range(1, 60)], pa.int64())))],
+         ("{tmp}/store/data.arrow", "'label'")),
+    Case("train-on-a-bad-manifest",
+         lambda t: train(t, edit_manifest(store(t), splits=[])),
+         ("{tmp}/store/manifest.json", "'splits'")),
+    Case("train-on-a-label-column-with-nulls",
+         lambda t: train(t, edit_labels(store(t), pa.array([None] * 60, pa.int64()))),
+         ("{tmp}/store/data.arrow", "'label'")),
+    # item 7: what would fail mid-run is refused before the run folder is made
+    Case("data-queries-above-the-images-of-a-class",
+         lambda t: train(t, store(t), "data.queries=5"),
+         ("data.queries=5", "'train'", "has 5", "at most data.queries=4")),
+    Case("eval-queries-too-large-for-the-test-split",
+         lambda t: train(t, store(t), "eval.queries=9"), ("eval.queries=9", "'test'")),
+    Case("eval-queries-too-large-for-the-val-split",
+         lambda t: train(t, store(t), "train.val_every=1", "eval.queries=9"),
+         ("eval.queries=9", "'val'")),
+    Case("empty-val-split-with-validation",
+         lambda t: train(t, store(t, splits=(6, 0, 3)), "train.val_every=1"),
+         ("split 'val' has no classes", "train.val_every=1")),
+    Case("absurd-meta-batch",
+         lambda t: train(t, store(t), "train.meta_batch=1000000000000"),
+         ("train.meta_batch=1000000000000", "GiB")),
+]
+
+
+def listing(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_data_input_is_one_line_and_changes_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would show in the listing too
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = case.argv(work)
+    before = listing(tmp_path)
+    if case.subprocess:
+        done = subprocess.run([sys.executable, "-m", "amfs_dist", *argv], capture_output=True,
+                              text=True, timeout=120)
+        rc, out, err = done.returncode, done.stdout, done.stderr
+    else:
+        rc = amfs(argv)
+        out, err = capsys.readouterr()
+    assert rc == case.rc, err
+    assert "Traceback" not in out + err
+    assert err.startswith("amfs: error: ") and err.count("\n") == 1, err
+    for name in case.names:
+        assert name.format(tmp=work) in err, err
+    assert listing(tmp_path) == before
