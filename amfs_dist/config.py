@@ -136,6 +136,18 @@ class NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+class NoAliasDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that writes a repeated object out again instead of as an alias, so
+    that what this project writes, NoAliasLoader reads back."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def dump_yaml(obj: Any, **options) -> str:
+    return yaml.dump(obj, Dumper=NoAliasDumper, **options)
+
+
 def load_yaml(text: str) -> Any:
     """YAML text -> Python values, as yaml.safe_load without aliases; errors are YAMLError."""
     try:
@@ -354,4 +366,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(dump_yaml(cfg.to_dict(), sort_keys=False))

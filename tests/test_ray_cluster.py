@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from amfs_dist.config import dump_yaml
 
 from conftest import TINY
 
@@ -163,7 +164,8 @@ def test_own_ray_instance_listens_on_loopback_only_and_joins_no_other_cluster(tm
 # -- requests the cluster cannot hold (the session cluster: 2 CPUs, 2 GPUs, 1 node) --------------
 @pytest.mark.ray
 @pytest.mark.parametrize("ask, says", [
-    (["dist.workers=1", "dist.gpus_per_worker=3"], "asks for 1 CPU, 3 GPU"),
+    (["dist.workers=1", "dist.gpus_per_worker=1", "dist.cpus_per_worker=3"],
+     "asks for 3 CPU, 1 GPU"),
     (["dist.workers=3", "dist.gpus_per_worker=1", "dist.cpus_per_worker=0.5"],
      "asks for 1.5 CPU, 3 GPU (0.5 CPU, 1 GPU on one node)"),
     (["dist.workers=1", "dist.cpus_per_worker=99"], "asks for 99 CPU"),
@@ -182,7 +184,7 @@ def test_workers_the_cluster_cannot_hold_fail_at_once(ray_session, tmp_path, cap
 @pytest.mark.ray
 def test_a_trial_the_cluster_cannot_hold_fails_at_once(ray_session, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
+    sweep.write_text(dump_yaml({
         "base": {"data.ways": 3, "data.queries": 2, "model.width": 8, "train.steps": 2,
                  "train.val_every": 1, "train.device": "cpu", "dist.workers": 1,
                  "dist.gpus_per_worker": 3},

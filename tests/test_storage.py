@@ -174,9 +174,9 @@ def test_an_unknown_scheme_is_one_line_and_exit_2(uri, tiny, tmp_path, capsys, m
 def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
     """`amfs tune --out s3://...`: Tune's experiment and the results go to the bucket. A
     subprocess with its own local Ray, so that its trials inherit the S3 environment."""
-    import yaml
+    from amfs_dist.config import dump_yaml
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
+    sweep.write_text(dump_yaml({
         "base": {"data.image_size": 16, "data.ways": 3, "data.queries": 2, "model.width": 8,
                  "train.meta_batch": 2, "train.steps": 2, "train.val_every": 2,
                  "train.val_episodes": 2, "eval.queries": 2, "eval.batch": 3,
@@ -201,7 +201,8 @@ def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
     assert result["trials"] == 2 and result["test"]["meta_steps"] == 2
     assert sorted(os.listdir(tmp_path)) == ["sweep.yaml"]  # nothing local, no "s3:" folder
     # --resume reads sweep.yaml and Tune's state from the bucket (a finished sweep: no new trial)
-    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--resume", uri, "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--resume", uri,
+                           "--allow-pickle", "--quiet"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from amfs_dist.cli import main as amfs
-from amfs_dist.config import load_config
+from amfs_dist.config import dump_yaml, load_config
 from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +42,7 @@ def write_sweep(path: Path, base=None, search=None, **settings) -> Path:
     sweep = {"name": "test", "num_samples": 4, "max_concurrent_trials": 2, "seed": 0,
              "grace_period": 1, "reduction_factor": 2, "startup_trials": 2, "test_episodes": 6}
     sweep.update(settings)
-    path.write_text(yaml.safe_dump({"base": {**TEST_BASE, **(base or {})},
+    path.write_text(dump_yaml({"base": {**TEST_BASE, **(base or {})},
                                     "search": search or TEST_SEARCH, "sweep": sweep}))
     return path
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from amfs_dist.config import resolve
+from amfs_dist.config import dump_yaml, resolve
 from amfs_dist.storage import RemoteRun, is_uri
 from amfs_dist.tune.space import SweepSpec
 
@@ -164,7 +163,7 @@ def write_best_yaml(best: TrialRecord, spec: SweepSpec, path: Path) -> None:
               f"{spec.metric}={best.score:.4f} at step {best.step}",
               "# swept: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()),
               "# a full amfs config: amfs train --config THIS_FILE [key=value ...]"]
-    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text("\n".join(header) + "\n" + dump_yaml(cfg.to_dict(), sort_keys=False))
 
 
 def plot(records: list[TrialRecord], spec: SweepSpec, best: TrialRecord | None, path: Path) -> None:

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from amfs_dist.config import (SCHEMA, Config, ConfigError, flatten, parse_override, read_yaml_mapping,
+from amfs_dist.config import (SCHEMA, Config, ConfigError, dump_yaml, flatten, parse_override, read_yaml_mapping,
                               resolve)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
@@ -179,7 +178,7 @@ class SweepSpec:
                 "sweep": self.settings.to_dict()}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_yaml_dict(), sort_keys=False))
+        Path(path).write_text(dump_yaml(self.to_yaml_dict(), sort_keys=False))
 
 
 def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
@@ -217,7 +216,7 @@ DEFAULT_SWEEP: dict = {
 
 
 def _yaml_value(v):
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+    return dump_yaml(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _check_setting(name: str, value: Any) -> Any:
