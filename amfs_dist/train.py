@@ -363,6 +363,7 @@ def _model_settings(cfg: Config) -> dict:
     return {"model.backbone": cfg.backbone, "model.width": cfg.model.width,
             "data.ways": cfg.data.ways, "data.image_size": cfg.data.image_size,
             "data.channels": cfg.data.channels, "inner (or method)": cfg.inner_loop,
+            "kernel.type": cfg.kernel.type if kernel else None,
             "kernel.learn_bandwidth": cfg.kernel.learn_bandwidth if kernel else None,
             "kernel.learn_lam": cfg.kernel.learn_lam if kernel else None}
 
