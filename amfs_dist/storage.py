@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from amfs_dist.errors import UserError
+from amfs_dist.runs import MARKER
 
 SCHEMES = ("s3", "gs", "gcs")
 # the order they are pushed in: result.json last, it says the run is complete
-RUN_FILES = ("config.yaml", "checkpoint.pt", "metrics.jsonl", "model.pt", "result.json")
+RUN_FILES = (MARKER, "config.yaml", "checkpoint.pt", "metrics.jsonl", "model.pt", "result.json")
 
 
 def cache_dir() -> Path:

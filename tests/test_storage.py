@@ -93,7 +93,8 @@ def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, mo
     monkeypatch.setattr(Trainer, "train_step", interrupt_at_3)
     assert main(["train", "--out", uri, "--no-progress", *args]) == 130
     assert f"amfs train --resume {uri}" in capsys.readouterr().err
-    assert set(_files(s3, "runs/a")) == {"config.yaml", "metrics.jsonl", CHECKPOINT}
+    assert set(_files(s3, "runs/a")) == {"amfs-run.json", "config.yaml", "metrics.jsonl",
+                                         CHECKPOINT}
     ckpt = torch.load(io.BytesIO(_read(s3, f"runs/a/{CHECKPOINT}")),
                       weights_only=True)
     assert ckpt["step"] == 3
@@ -106,8 +107,8 @@ def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, mo
     assert main(["train", "--resume", uri, "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["meta_steps"] == 4
-    assert set(_files(s3, "runs/a")) == {"config.yaml", "metrics.jsonl", CHECKPOINT,
-                                         "model.pt", "result.json"}
+    assert set(_files(s3, "runs/a")) == {"amfs-run.json", "config.yaml", "metrics.jsonl",
+                                         CHECKPOINT, "model.pt", "result.json"}
     assert json.loads(_read(s3, "runs/a/result.json")) == result
     rows = [json.loads(line) for line in _read(s3, "runs/a/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
