@@ -75,6 +75,11 @@ class Trainer:
         self._pulled_step = None  # ... and this trainer's copy was fetched at this step
 
     @property
+    def location(self) -> str | Path:
+        """Where the run lives: its URI for a run on object storage, else its directory."""
+        return self.remote.uri if self.remote else self.run_dir
+
+    @property
     def owns_update(self) -> bool:
         return getattr(self.backend, "owns_update", False)
 
@@ -248,9 +253,9 @@ class Trainer:
                         on_step(self, row)
                     if self.stop_signal is not None and self.step < t.steps:
                         name = signal.Signals(self.stop_signal).name
-                        where = self.remote.uri if self.remote else self.run_dir
                         raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
-                                         f"saved: resume with `amfs train --resume {where}`",
+                                         f"saved: resume with `amfs train --resume "
+                                         f"{self.location}`",
                                          self.stop_signal)
         except BaseException as e:
             try:
@@ -259,9 +264,8 @@ class Trainer:
                 print(f"could not checkpoint step {self.step} ({lost}); the last checkpoint "
                       f"is kept", file=sys.stderr)
             if isinstance(e, KeyboardInterrupt):
-                where = self.remote.uri if self.remote else self.run_dir
                 print(f"\nstopped at step {self.step}; checkpoint saved: resume with "
-                      f"`amfs train --resume {where}`", file=sys.stderr)
+                      f"`amfs train --resume {self.location}`", file=sys.stderr)
             raise
         finally:
             bar.close()

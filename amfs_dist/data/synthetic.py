@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -22,7 +22,6 @@ trial's placement group (the group's bundles must hold dist.workers x {CPU, GPU}
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable, Sequence
 
