@@ -8,6 +8,9 @@
 #
 # Needs root, munged, slurmctld and slurmd (Debian: apt-get install slurm-wlm munge).
 # proctrack/linuxproc and task/none work without cgroups (containers).
+# cred_expire=5 (Slurm's least): a requeued job may start again 6 s after its requeue, not 121 s;
+# the hold is what keeps its new launch clear of the old one's revoked credential. sched_interval=2
+# and bf_interval=2 let the schedulers start it within 2 s of the hold's end, not up to 60.
 set -euo pipefail
 
 cmd="${1:?usage: $0 start|stop DIR}"
@@ -57,7 +60,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge.sock
+AuthInfo=socket=$dir/munge.sock,cred_expire=5
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -69,6 +72,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
 JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 AccountingStorageType=accounting_storage/none
