@@ -137,7 +137,8 @@ def cached_store(uri: str) -> Path:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local.parent))
         try:
-            RemoteRun(uri, tmp).pull([DATA_FILE])
+            remote.local = tmp
+            remote.pull([DATA_FILE])
             (tmp / MANIFEST_FILE).write_bytes(manifest)
             try:
                 os.rename(tmp, local)

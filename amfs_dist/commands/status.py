@@ -42,16 +42,12 @@ def _status(name: str, local: Path, checkpoint) -> dict:
 
     from amfs_dist.config import load_config
     from amfs_dist.errors import UserError
+    from amfs_dist.runs import read_metrics
     if not (local / "config.yaml").is_file():
         raise UserError(f"{name}: not a run directory (no config.yaml)")
     cfg = load_config(local / "config.yaml")
-    rows = []
-    if (local / "metrics.jsonl").is_file():
-        for line in (local / "metrics.jsonl").read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written right now
-                pass
+    # a last line being written right now is dropped, as on --resume
+    rows = read_metrics(local / "metrics.jsonl") if (local / "metrics.jsonl").is_file() else []
     validations = [r for r in rows if r.get("val_accuracy") is not None]
     result = (json.loads((local / "result.json").read_text())
               if (local / "result.json").is_file() else None)
