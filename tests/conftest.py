@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs, and one Ray cluster per test session (started on first use)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -17,6 +18,36 @@ TINY = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(step: int):
+    """Within the block, Trainer.train_step raises KeyboardInterrupt (what Ctrl-C raises) when
+    the trainer's step counter is `step`."""
+    from amfs_dist.train import Trainer
+    real_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    Trainer.train_step = interrupted
+    try:
+        yield
+    finally:
+        Trainer.train_step = real_step
+
+
+class PickleThatWritesAFile:
+    """Unpickling this (torch.load with weights_only=False, pickle.load) creates the file `path`:
+    a stand-in for the code a crafted pickle runs."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ import time
 import pytest
 import torch
 
+from conftest import TINY as SHARED_TINY
+from conftest import PickleThatWritesAFile
+
 from amfs_dist.cli import main
 
-TINY = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.meta_batch=4",
-        "train.val_every=0", "eval.episodes=3", "eval.queries=2", "eval.batch=3",
-        "train.checkpoint_every=1"]
+# fewer eval episodes and a checkpoint every step: the runs these rows start from are quick
+TINY = [*SHARED_TINY, "eval.episodes=3", "train.checkpoint_every=1"]
 
 # 9 levels of 9 aliases to the level above: 9**9 "lol"s once expanded ("billion laughs")
 ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
@@ -35,16 +37,6 @@ def run(finished_run, tmp_path):
 def snapshot(root):
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
             else "dir" for p in sorted(root.rglob("*"))}
-
-
-class Evil:
-    """Unpickling this with weights_only=False would create the file `pwned`."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def write(path, data):
@@ -119,7 +111,7 @@ ROWS = [
         torch.save({"foo": 1}, r / "checkpoint.pt") or ["train", "--resume", str(r)],
         "checkpoint.pt")),
     ("item11-resume-unsafe-checkpoint", 2, lambda t, r: (
-        torch.save({"model": Evil(t / "pwned")}, r / "checkpoint.pt")
+        torch.save({"model": PickleThatWritesAFile(t / "pwned")}, r / "checkpoint.pt")
         or ["train", "--resume", str(r)], "checkpoint.pt")),
     ("eval-missing-run", 2, lambda t, r: (["eval", str(t / "nope")], "nope")),
     ("eval-bad-episodes", 2, lambda t, r: (["eval", str(r), "--episodes", "0"], "--episodes")),
@@ -132,7 +124,7 @@ ROWS = [
         torch.save({"model": {}, "input_shape": "big"}, r / "model.pt") or ["eval", str(r)],
         "model.pt")),
     ("item11-eval-unsafe-model", 2, lambda t, r: (
-        torch.save({"model": Evil(t / "pwned"), "input_shape": [1, 28, 28]}, r / "model.pt")
+        torch.save({"model": PickleThatWritesAFile(t / "pwned"), "input_shape": [1, 28, 28]}, r / "model.pt")
         or ["eval", str(r)], "model.pt")),
     ("item15-eval-config-width", 2, lambda t, r: (
         edit_config(r, "width: 8", "width: 64") or ["eval", str(r)], "backbone.")),
@@ -169,7 +161,7 @@ def test_unsafe_files_are_refused_as_unsafe_without_a_hint_to_load_them_anyway(r
     """Item 11: torch's own message ends by suggesting weights_only=False."""
     for name, argv in (("checkpoint.pt", ["train", "--resume", str(run)]),
                        ("model.pt", ["eval", str(run)])):
-        torch.save({"model": Evil(run / "pwned"), "input_shape": [1, 28, 28], "step": 1,
+        torch.save({"model": PickleThatWritesAFile(run / "pwned"), "input_shape": [1, 28, 28], "step": 1,
                     "bad_streak": 0, "optimizer": {}, "torch_rng": None}, run / name)
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -56,6 +56,18 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def resume_to_the_end(cmd: list[str], run: Path, env: dict, steps: int, timeout: float) -> dict:
+    """`CMD --resume RUN` in a subprocess: it exits 0, says it resumed, reaches `steps`, and
+    every step is logged exactly once."""
+    done = subprocess.run(cmd + ["--resume", str(run)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["resumed"] and result["meta_steps"] == steps
+    assert [r["step"] for r in metrics(run)] == list(range(1, steps + 1))
+    return result
+
+
 def train_in_process(cfg, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir)
@@ -360,12 +372,7 @@ def test_killed_driver_resumes_exactly(ray_session, tmp_path):
     killed_at = torch.load(run / CHECKPOINT, weights_only=True)["step"]
     assert 3 <= killed_at < steps
 
-    done = subprocess.run(cmd + ["--resume", str(run)], env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["resumed"] and result["meta_steps"] == steps
-    assert [r["step"] for r in metrics(run)] == list(range(1, steps + 1))
+    resume_to_the_end(cmd, run, env, steps, timeout=180)
 
     reference = train_in_process(load_config(None, args[:-2]), tmp_path / "reference")
     assert_same_params(model_state(run), reference)

@@ -3,7 +3,6 @@ the time limit) end the current step, checkpoint and exit; `--resume` then ends 
 parameters of an uninterrupted run. Through the CLI, in a subprocess, as a scheduler would."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY
-from test_distributed import assert_same_params, metrics, model_state, train_in_process
+from test_distributed import (assert_same_params, metrics, model_state, resume_to_the_end,
+                              train_in_process)
 
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT
@@ -63,16 +63,6 @@ def _check_stopped(run: Path, rc: int, output: str, signum: int) -> None:
     assert [r["step"] for r in metrics(run)] == list(range(1, stopped_at + 1))
 
 
-def _resume(run: Path, env: dict) -> dict:
-    done = subprocess.run(CMD + ["--resume", str(run)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["resumed"] and result["meta_steps"] == STEPS
-    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))
-    return result
-
-
 # checkpoint_every beyond the run: only the checkpoint taken on the way out can save the steps
 ARGS = TINY + [f"train.steps={STEPS}", f"train.checkpoint_every={10 * STEPS}"]
 
@@ -82,7 +72,7 @@ def test_a_stop_signal_checkpoints_in_process_and_resume_matches(signum, tmp_pat
     run, env = tmp_path / "run", _env()
     rc, output = _signal_mid_run(run, ARGS, signum, env, tmp_path / "run.log")
     _check_stopped(run, rc, output, signum)
-    _resume(run, env)
+    resume_to_the_end(CMD, run, env, STEPS, timeout=300)
     reference = train_in_process(load_config(None, ARGS), tmp_path / "reference")
     for name, value in reference.items():  # in-process resume is exact
         torch.testing.assert_close(model_state(run)[name], value, rtol=0, atol=0)
@@ -96,6 +86,6 @@ def test_sigterm_checkpoints_with_workers_and_resume_matches(ray_session, tmp_pa
     env = _env(RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     rc, output = _signal_mid_run(run, args, signal.SIGTERM, env, tmp_path / "run.log")
     _check_stopped(run, rc, output, signal.SIGTERM)
-    _resume(run, env)
+    resume_to_the_end(CMD, run, env, STEPS, timeout=300)
     reference = train_in_process(load_config(None, ARGS), tmp_path / "reference")
     assert_same_params(model_state(run), reference, atol=1e-5)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ctrl_c_at_step
+
 from amfs_dist.cli import main
 from amfs_dist.data.episodes import ImageSet
 from amfs_dist.data.store import write_store
@@ -78,27 +80,18 @@ def _read(fs, path: str) -> bytes:
 
 @pytest.mark.slow
 def test_train_resume_and_eval_with_the_run_on_s3(s3, tiny, tmp_path, capsys, monkeypatch):
-    from amfs_dist.train import Trainer
     monkeypatch.chdir(tmp_path)  # a local folder named "s3:" would appear here
     monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/runs/a"
     args = [*tiny, "train.steps=4", "train.checkpoint_every=2"]
-    real_step = Trainer.train_step
-
-    def interrupt_at_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_3)
-    assert main(["train", "--out", uri, "--no-progress", *args]) == 130
+    with ctrl_c_at_step(3):
+        assert main(["train", "--out", uri, "--no-progress", *args]) == 130
     assert f"amfs train --resume {uri}" in capsys.readouterr().err
     assert set(_files(s3, "runs/a")) == {"amfs-run.json", "config.yaml", "metrics.jsonl",
                                          CHECKPOINT}
     ckpt = torch.load(io.BytesIO(_read(s3, f"runs/a/{CHECKPOINT}")),
                       weights_only=True)
     assert ckpt["step"] == 3
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["status", uri]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["run"] == uri and status["step"] == 3 and status["finished"] is False

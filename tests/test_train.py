@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from conftest import ctrl_c_at_step
+
 from amfs_dist.cli import main
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT, run_training
@@ -143,23 +145,13 @@ def test_an_input_too_small_for_the_backbone_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_keeps_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, capsys, monkeypatch):
-    from amfs_dist.train import Trainer
-
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+def test_ctrl_c_keeps_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=5"]) == 130
+    with ctrl_c_at_step(2):
+        assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=5"]) == 130
     err = capsys.readouterr().err
     assert f"amfs train --resume {run}" in err
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert json.loads((run / "result.json").read_text())["meta_steps"] == 5
 

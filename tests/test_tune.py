@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import PickleThatWritesAFile
+
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import dump_yaml, load_config
 from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
@@ -144,16 +146,6 @@ def test_bad_sweep_file_errors_name_the_key(tmp_path, capsys):
     assert "not a sweep directory" in capsys.readouterr().err
 
 
-class _Crafted:
-    """Unpickling this creates the file `path` (a stand-in for code run by a crafted pickle)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_resume_loads_tunes_pickled_state_only_with_allow_pickle(tmp_path, capsys):
     import pickle
 
@@ -162,7 +154,7 @@ def test_resume_loads_tunes_pickled_state_only_with_allow_pickle(tmp_path, capsy
     load_sweep(None).save(out / "sweep.yaml")
     ran = tmp_path / "code-ran"
     for name in ("tuner.pkl", "trainable.pkl"):
-        (out / "tune" / name).write_bytes(pickle.dumps(_Crafted(ran)))
+        (out / "tune" / name).write_bytes(pickle.dumps(PickleThatWritesAFile(ran)))
     assert amfs(["tune", "--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
