@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def register(subparsers) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from amfs_dist.data import prepare
     from amfs_dist.data.prepare.common import PrepareOptions
-    from amfs_dist.data.store import StoreError, check_replaceable, open_store, write_store
+    from amfs_dist.data.store import StoreError, check_out, open_store, write_store
 
     # refuse before a long conversion, not after
     src, out = args.src.resolve(), args.out.resolve()
@@ -70,10 +69,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if out in src.parents:
         raise StoreError(f"--src {args.src} is inside --out {args.out}; choose an --out "
                          f"outside the source data")
-    if os.path.lexists(args.out):
-        if not args.force:
-            raise StoreError(f"{args.out} already exists; pass --force to replace it")
-        check_replaceable(args.out)
+    check_out(args.out, args.force)
     opts = PrepareOptions(image_size=args.image_size, split=args.split, rotations=args.rotations,
                           allow_pickle=args.allow_pickle, bbox_crop=args.bbox_crop)
     start = time.perf_counter()

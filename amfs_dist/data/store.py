@@ -88,11 +88,17 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def check_out(out: Path, force: bool) -> None:
+    """A store may be written at `out`: nothing is there, or (force) a store of ours is."""
+    if os.path.lexists(out):
+        if not force:
+            raise StoreError(f"{out} already exists; pass --force to replace it")
+        check_replaceable(out)
+
+
 def check_replaceable(out: Path) -> None:
     """--force replaces only a store of ours: a folder holding nothing but a store's files, with
     our manifest. Anything else (a user's folder, a file) is refused and nothing is deleted."""
-    if not os.path.lexists(out):
-        return
     refuse = "--force replaces only a store made by `amfs data prepare`; nothing was deleted"
     if out.is_symlink() or not out.is_dir():
         raise StoreError(f"--out {out} is not a folder; {refuse}")
@@ -180,10 +186,7 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
     prepares that were killed outright are removed first. With force, only a store is replaced.
     """
     out = Path(out)
-    if os.path.lexists(out):
-        if not force:
-            raise StoreError(f"{out} already exists; pass --force to replace it")
-        check_replaceable(out)
+    check_out(out, force)
     images = np.asarray(data.images)
     labels = np.asarray(data.labels, dtype=np.int64)
     if images.dtype != np.uint8 or images.ndim != 4:

@@ -373,13 +373,10 @@ class CollectiveBackend(RayBackend):
         self._fallback, self._at_step = (ref, int(state["step"])), int(state["step"])
 
     def state(self) -> dict:
-        ref = self.workers[self._replica()].state.remote()
+        ref = self.workers[0].state.remote()  # every replica holds the same state
         state = self._ray.get(ref, timeout=self.timeout)
         self._fallback = (ref, int(state["step"]))  # stays in the object store
         return state
-
-    def _replica(self) -> int:
-        return 0
 
     def step(self, step: int, task_ids: Sequence[int], weigh: Weigh) -> StepResult:
         while True:
