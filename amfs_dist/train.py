@@ -3,7 +3,8 @@
 The driver owns the parameters and the optimiser; a backend (in-process or Ray shards)
 returns each step's update direction, or (dist.exchange=collective) applies the update on its
 workers' replicas, and the driver fetches the state only to checkpoint, validate and finish.
-Episodes depend on (seed, step, task id) only and the checkpoint holds everything else, so a resumed run ends where an uninterrupted one would.
+Episodes depend on (seed, step, task id) only and the checkpoint holds everything else, so a
+resumed run ends where an uninterrupted one would.
 """
 from __future__ import annotations
 

@@ -6,12 +6,15 @@
 - `check_resources`: a request no node can hold would make Ray wait forever (the shard workers
   until dist.timeout_s, a Tune trial's placement group for ever): refuse it at once, saying
   what was asked and what the cluster has.
+- `ray_for_tasks`: both, for a command whose Ray tasks run the project's code (a sweep's
+  trials, an experiment's cells).
 """
 from __future__ import annotations
 
 import ipaddress
 import os
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from amfs_dist.errors import UserError
 
@@ -34,6 +37,35 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
     else:
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
     return True
+
+
+@contextmanager
+def ray_for_tasks(requests: list[tuple[list[dict[str, float]], str]]):
+    """Ray for the block (init_ray; a private instance ends with it), whose tasks import
+    amfs_dist from where this process does. Each (bundles, what) of `requests` that the
+    cluster can never hold is refused first (check_resources)."""
+    started = init_ray(log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": task_pythonpath()}})
+    try:
+        for bundles, what in requests:
+            check_resources(bundles, what)
+        yield
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
+
+def task_pythonpath() -> str:
+    """PYTHONPATH for Ray tasks that import amfs_dist: the directory this process imports it
+    from when that is a source checkout, then this process's own PYTHONPATH."""
+    import amfs_dist
+    root = str(Path(amfs_dist.__file__).resolve().parent.parent)
+    paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if p]
+    if Path(root).name not in ("site-packages", "dist-packages"):  # a source checkout
+        paths.insert(0, root)
+    return os.pathsep.join(dict.fromkeys(paths))
 
 
 def start_private_ray(**init_kwargs) -> None:

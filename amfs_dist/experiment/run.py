@@ -5,8 +5,8 @@ ordinary run directory plus cell.json: peak memory and the extra evaluations), t
 results report.py writes. A cell is done when its cell.json exists; one with a checkpoint
 but no result.json resumes from it; so rerunning the command trains nothing already finished.
 
-Each cell is a Ray task in a placement group of its own: the driver's bundle, then one per dist.workers, which the
-cell's RayBackend actors are captured into, as in a Tune trial.
+Each cell is a Ray task in a placement group of its own: the driver's bundle, then one per
+dist.workers, which the cell's RayBackend actors are captured into, as in a Tune trial.
 """
 from __future__ import annotations
 
@@ -152,25 +152,28 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, progress: bool = True)
 
 def _run_on_ray(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
                 progress: bool) -> dict[str, str]:
+    from amfs_dist.distributed.cluster import ray_for_tasks
+
+    # a cell the cluster can never hold would wait for ever: ray_for_tasks says so first
+    requests = [(spec.bundles(cell.values), f"cell {cell.name} (resources: cpus={spec.cpus:g}, "
+                 f"gpus={spec.gpus:g}; dist.workers={cell.values['dist.workers']})")
+                for cell in todo]
+    with ray_for_tasks(requests):
+        return _run_cells(spec, out, todo, total, progress)
+
+
+def _run_cells(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
+               progress: bool) -> dict[str, str]:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     from tqdm.auto import tqdm
 
-    from amfs_dist.distributed.cluster import check_resources, init_ray
-    from amfs_dist.tune.sweep import _pythonpath
-
-    started_here = init_ray(log_to_driver=False,
-                            runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     task = ray.remote(max_retries=0)(run_cell)
     pending, groups, failed = {}, {}, {}
     bar = tqdm(total=total, initial=total - len(todo), desc=f"experiment {spec.name}",
                unit="cell", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
-        for cell in todo:  # a cell the cluster can never hold would wait for ever: say so now
-            check_resources(spec.bundles(cell.values), f"cell {cell.name} (resources: "
-                            f"cpus={spec.cpus:g}, gpus={spec.gpus:g}; dist.workers="
-                            f"{cell.values['dist.workers']})")
         for cell in todo:
             bundles = spec.bundles(cell.values)
             pg = placement_group(bundles, strategy="PACK")
@@ -203,6 +206,4 @@ def _run_on_ray(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
         bar.close()
         for pg in groups.values():
             remove_placement_group(pg)
-        if started_here:
-            ray.shutdown()
     return failed

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from amfs_dist.config import dump_yaml, resolve
 from amfs_dist.storage import RemoteRun, is_uri
 from amfs_dist.tune.space import SweepSpec

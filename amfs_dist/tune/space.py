@@ -28,9 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-
-from amfs_dist.config import (SCHEMA, Config, ConfigError, dump_yaml, flatten, parse_override, read_yaml_mapping,
-                              resolve)
+from amfs_dist.config import (SCHEMA, Config, ConfigError, dump_yaml, flatten, parse_override,
+                              read_yaml_mapping, resolve)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")

@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from pyarrow.fs import FileType
@@ -187,36 +186,16 @@ def make_reporter(spec: SweepSpec):
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-@contextmanager
 def sweep_ray(spec: SweepSpec):
     """Ray for the sweep: RAY_ADDRESS's cluster, else a private one on 127.0.0.1 that ends with
     the sweep (distributed.cluster). A trial's placement group the cluster can never hold is
     refused here, at once: Tune would leave the trials pending for ever."""
-    from amfs_dist.distributed.cluster import check_resources, init_ray
-    started = init_ray(log_to_driver=False,
-                       runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
-    try:
-        s, d = spec.settings, spec.base.dist
-        check_resources(spec.bundles(), f"a trial (sweep.trial_cpus={s.trial_cpus:g}, "
-                        f"sweep.trial_gpus={s.trial_gpus:g}, dist.workers={d.workers} x "
-                        f"(dist.cpus_per_worker={d.cpus_per_worker:g}, "
-                        f"dist.gpus_per_worker={d.gpus_per_worker:g}))")
-        yield
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
-
-
-def _pythonpath() -> str:
-    """Trials import amfs_dist: give them the directory this process imports it from."""
-    import amfs_dist
-    root = str(Path(amfs_dist.__file__).resolve().parent.parent)
-    paths = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-             if p]
-    if Path(root).name not in ("site-packages", "dist-packages"):  # a source checkout
-        paths.insert(0, root)
-    return os.pathsep.join(dict.fromkeys(paths))
+    from amfs_dist.distributed.cluster import ray_for_tasks
+    s, d = spec.settings, spec.base.dist
+    return ray_for_tasks([(spec.bundles(), f"a trial (sweep.trial_cpus={s.trial_cpus:g}, "
+                           f"sweep.trial_gpus={s.trial_gpus:g}, dist.workers={d.workers} x "
+                           f"(dist.cpus_per_worker={d.cpus_per_worker:g}, "
+                           f"dist.gpus_per_worker={d.gpus_per_worker:g}))")])
 
 
 def _tune_env() -> None:
