@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from amfs_dist.experiment.spec import Cell, ExperimentSpec
+from amfs_dist.runs import read_metrics
 
 CELLS_DIR = "cells"
 TEST = "test"
@@ -44,11 +45,11 @@ def t_ci95(xs: list[float]) -> float | None:
     return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
-def read_metrics(run: Path) -> list[dict]:
+def cell_metrics(run: Path) -> list[dict]:
+    """A cell's metrics rows ([] before its first step); a failed cell's torn last line is
+    dropped (runs.read_metrics)."""
     path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path) if path.is_file() else []
 
 
 def _tasks_per_s(rows: list[dict], meta_batch: int) -> float | None:
@@ -63,7 +64,7 @@ def cell_rows(out: Path, cell: Cell) -> list[dict]:
         return []
     result = json.loads((run / "result.json").read_text())
     info = json.loads((run / "cell.json").read_text())
-    metrics = read_metrics(run)
+    metrics = cell_metrics(run)
     vals = [r["val_accuracy"] for r in metrics if r.get("val_accuracy") is not None]
     common = {"cell": cell.name, **{k: v for k, v in cell.settings.items()},
               "method": result["method"], "data": Path(str(result["data_source"])).name,
@@ -174,7 +175,7 @@ def _curves(spec, out: Path, cells: list[Cell], field: str) -> dict[str, dict[in
     """condition label -> step -> values of `field` over seeds."""
     curves: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
-        for r in read_metrics(out / CELLS_DIR / c.name):
+        for r in cell_metrics(out / CELLS_DIR / c.name):
             if isinstance(r.get(field), (int, float)):
                 curves[_label(spec, c.settings)][r["step"]].append(r[field])
     return curves
