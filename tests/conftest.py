@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +67,49 @@ def ray_session():
         start_private_ray(num_cpus=2, num_gpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A `ray start --head` cluster of the test's own: its own temp dir, free ports, every
+    server on 127.0.0.1, RAY_AUTH_MODE=disabled; yields (ray_bin, dashboard address, env, process)."""
+    from helpers import free_ports, stop_cluster
+
+    ray_bin = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                      os.environ.get("PATH", "")]))
+    if ray_bin is None:
+        pytest.skip("the `ray` command is not installed")
+    temp_dir = tempfile.mkdtemp(prefix="amfs-ray-", dir="/tmp")  # short: Ray's socket paths
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "head.log").open("w")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+         "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
+         f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "ray start failed: " + (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the Ray dashboard did not come up in 60 s: "
+                                         + (tmp_path / "head.log").read_text()[-3000:]) from e
+                time.sleep(0.5)
+        yield ray_bin, address, env, proc
+    finally:
+        stop_cluster(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -8,10 +8,9 @@ import time
 import pytest
 import torch
 
+from amfs_dist.cli import main
 from conftest import TINY as SHARED_TINY
 from conftest import PickleThatWritesAFile
-
-from amfs_dist.cli import main
 
 # fewer eval episodes and a checkpoint every step: the runs these rows start from are quick
 TINY = [*SHARED_TINY, "eval.episodes=3", "train.checkpoint_every=1"]

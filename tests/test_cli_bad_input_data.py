@@ -11,17 +11,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pytest
-from test_data_prepare import lake_tree
-from test_data_store import class_marked_set
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.store import write_store
+from helpers import class_marked_set, lake_tree
 
 TRAIN = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.steps=2",
          "train.meta_batch=2", "train.val_every=0", "eval.episodes=2", "eval.queries=2",

@@ -11,17 +11,28 @@ import math
 import pytest
 import torch
 
-from test_distributed import (BASE, assert_same_params, cfg_of, kill_worker_after, metrics,
-                              model_state, train_in_process)
-
-from amfs_dist.algorithms.outer import (agreement, agreement_from_gram, block_gram, combine,
-                                        task_weights)
+from amfs_dist.algorithms.outer import (
+    agreement,
+    agreement_from_gram,
+    block_gram,
+    combine,
+    task_weights,
+)
 from amfs_dist.backend import InProcessBackend, apply_direction, weighted_direction
 from amfs_dist.config import load_config
 from amfs_dist.distributed.collective import shares, tasks_of
 from amfs_dist.distributed.faults import faulty_source_factory
 from amfs_dist.errors import WorkerFailedError
 from amfs_dist.train import CHECKPOINT, Trainer, run_training
+from helpers import (
+    BASE,
+    assert_same_params,
+    cfg_of,
+    kill_worker_after,
+    metrics,
+    model_state,
+    train_in_process,
+)
 
 COLLECTIVE = ("dist.exchange=collective", "dist.block_size=512", "dist.timeout_s=30")
 ATOL = 1e-5
@@ -155,7 +166,7 @@ def test_collective_sketch_weights_within_the_sketch_bounds(ray_session):
         backend.load_state({"model": trainer.learner.module.state_dict(),
                             "optimizer": trainer.optimizer.state_dict(), "step": 0})
         for step, weighting in [(0, "mean"), (1, "cosine")]:
-            weigh = lambda v, gram=None: task_weights(v, weighting, gram=gram)
+            weigh = lambda v, gram=None, weighting=weighting: task_weights(v, weighting, gram=gram)
             flat = trainer.learner.flat_params()
             res = backend.step(step, ids, weigh)
             tg, timings = local.task_gradients(flat, step, ids)

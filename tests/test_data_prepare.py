@@ -20,30 +20,15 @@ from amfs_dist.data.episodes import ImageEpisodeSampler
 from amfs_dist.data.prepare.common import split_list
 from amfs_dist.data.prepare.omniglot import lake_val_alphabets
 from amfs_dist.data.store import open_store, read_manifest
+from helpers import GLYPHS, lake_tree, png, write
 
 RNG = np.random.default_rng(0)
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    image = Image.fromarray(array)
-    (image.convert(mode) if mode else image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def jpeg(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
-
-
-GLYPHS = [png(RNG.random((105, 105)) > 0.3, "1") for _ in range(4)]  # 1-bit, like Omniglot
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def prepare(*args) -> int:
@@ -83,7 +68,7 @@ def vinyals_tree(root: Path, per_class: int = 1, skip: str | None = None) -> Pat
     evaluation = {a for s, a, _ in split_list("omniglot_vinyals") if s == "test"} | {
         "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez",
         "Glagolitic"}
-    for i, (_, alphabet, span) in enumerate(split_list("omniglot_vinyals")):
+    for _, alphabet, span in split_list("omniglot_vinyals"):
         folder = root / ("images_evaluation" if alphabet in evaluation else "images_background")
         first, last = (int(x) for x in span.split("-"))
         for c in range(first, last + 1):
@@ -93,17 +78,6 @@ def vinyals_tree(root: Path, per_class: int = 1, skip: str | None = None) -> Pat
             for k in range(per_class):
                 write(folder / alphabet / f"character{c:02d}" / f"{c:04d}_{k:02d}.png",
                       GLYPHS[(c + k) % len(GLYPHS)])
-    return root
-
-
-def lake_tree(root: Path, per_class: int = 3) -> Path:
-    layout = {"images_background": ["Beta", "Alpha", "Gamma"], "images_evaluation": ["Delta"]}
-    for folder, alphabets in layout.items():
-        for a, alphabet in enumerate(alphabets):
-            for c in range(1, 3):
-                for k in range(per_class):
-                    write(root / folder / alphabet / f"character{c:02d}" / f"{k:02d}.png",
-                          GLYPHS[(a + c + k) % len(GLYPHS)])
     return root
 
 
@@ -582,8 +556,9 @@ def test_bench_data_prints_json_lines(capsys):
 
 def test_bench_data_reports_the_trainer_rate(tmp_path, monkeypatch):
     answer = {"tasks_per_s": 12.5, "step_s": 2.56}
-    import types
     import sys
+    import types
+
     from amfs_dist.benchmarks import data as bench_data
 
     seen = {}

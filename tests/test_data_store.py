@@ -16,21 +16,9 @@ from hypothesis import strategies as st
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.convert import image_converter
-from amfs_dist.data.episodes import ImageEpisodeSampler, ImageSet
+from amfs_dist.data.episodes import ImageEpisodeSampler
 from amfs_dist.data.store import StoreError, content_hash, open_store, read_manifest, write_store
-
-
-def class_marked_set(classes=12, per_class=20, shape=(1, 6, 6), splits=(6, 3, 3)) -> ImageSet:
-    """Every image's first pixel is its class index, the rest random: membership is visible."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), per_class)
-    images = rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8)
-    images[:, 0, 0, 0] = labels
-    bounds = np.cumsum((0,) + splits)
-    return ImageSet(images=images, labels=labels, class_names=[f"c{i:02d}" for i in range(classes)],
-                    splits={s: np.arange(bounds[i], bounds[i + 1])
-                            for i, s in enumerate(("train", "val", "test"))},
-                    groups=[f"g{i // 4}" for i in range(classes)])
+from helpers import class_marked_set
 
 
 @pytest.fixture

@@ -6,8 +6,14 @@ import torch
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import load_config
 from amfs_dist.data import make_task_source
-from amfs_dist.data.synthetic import (_RENDER_VERSION, GLYPH_CLASSES, GLYPH_INSTANCES,
-                                     SinusoidTasks, glyph_images, render_glyphs)
+from amfs_dist.data.synthetic import (
+    _RENDER_VERSION,
+    GLYPH_CLASSES,
+    GLYPH_INSTANCES,
+    SinusoidTasks,
+    glyph_images,
+    render_glyphs,
+)
 
 
 def test_glyphs_are_deterministic_and_class_disjoint(tmp_path, monkeypatch):

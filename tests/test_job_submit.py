@@ -11,112 +11,19 @@ the machine, the test session's own included).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY
-from test_ray_cluster import is_loopback, listening_sockets
+from helpers import is_loopback, listening_sockets, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session
-                pids.append(int(entry.name))
-    return pids
-
-
-def stop_cluster(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its processes
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    for _ in range(2):
-        pids = [p for p in session_pids(proc.pid) if p != os.getpid()]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    if proc.poll() is None:
-        proc.wait(10)
-
-
-@pytest.fixture
-def head_node(tmp_path):
-    ray_bin = shutil.which("ray", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                      os.environ.get("PATH", "")]))
-    if ray_bin is None:
-        pytest.skip("the `ray` command is not installed")
-    temp_dir = tempfile.mkdtemp(prefix="amfs-ray-", dir="/tmp")  # short: Ray's socket paths
-    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    env.pop("RAY_ADDRESS", None)
-    log = (tmp_path / "head.log").open("w")
-    proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-         "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
-         f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "ray start failed: " + (tmp_path / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("the Ray dashboard did not come up in 60 s: "
-                                         + (tmp_path / "head.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield ray_bin, address, env, proc
-    finally:
-        stop_cluster(proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.ray

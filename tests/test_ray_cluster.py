@@ -3,7 +3,6 @@ only and never joins a cluster it was not asked to; requests the cluster cannot 
 once with what was asked and what the cluster has."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import signal
@@ -16,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from amfs_dist.config import dump_yaml
-
-from conftest import TINY
-
 from amfs_dist.cli import main as amfs
+from amfs_dist.config import dump_yaml
+from conftest import TINY
+from helpers import is_loopback, listening_sockets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,39 +57,6 @@ def ray_pids(driver: int, temp_dir: str) -> dict[int, str]:
         except OSError:
             pass
     return names
-
-
-def _listening() -> dict[int, tuple[ipaddress._BaseAddress, int]]:
-    """socket inode -> (address, port) of every listening TCP socket (IPv4 and IPv6)."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # TCP_LISTEN
-                continue
-            hex_ip, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_ip)  # 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found[int(fields[9])] = (ipaddress.ip_address(raw), int(hex_port, 16))
-    return found
-
-
-def listening_sockets(pids) -> list[tuple[int, ipaddress._BaseAddress, int]]:
-    table, out = _listening(), []
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
-            continue
-        for link in links:
-            if link.startswith("socket:[") and int(link[8:-1]) in table:
-                out.append((pid, *table[int(link[8:-1])]))
-    return out
-
-
-def is_loopback(address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)  # [::ffff:127.0.0.1]
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def end_processes(names: dict[int, str]) -> None:

@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-from test_distributed import (assert_same_params, metrics, model_state, resume_to_the_end,
-                              train_in_process)
-
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT
+from conftest import TINY
+from helpers import (
+    assert_same_params,
+    metrics,
+    model_state,
+    resume_to_the_end,
+    train_in_process,
+)
 
 STEPS = 30
 CMD = [sys.executable, "-m", "amfs_dist", "train", "--no-progress"]

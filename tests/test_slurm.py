@@ -184,7 +184,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_continues_the_run
     got = torch.load(run / "model.pt", weights_only=True)["model"]
     want = torch.load(reference / "model.pt", weights_only=True)["model"]
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_job_whose_head_does_not_start_fails_fast_and_says_why(slurm, tmp_path):

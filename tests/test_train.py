@@ -4,11 +4,10 @@ import json
 import pytest
 import torch
 
-from conftest import ctrl_c_at_step
-
 from amfs_dist.cli import main
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT, run_training
+from conftest import ctrl_c_at_step
 
 RESULT_KEYS = {"method", "test_accuracy", "test_ci95", "test_episodes", "adapt_ms_per_task",
                "meta_steps", "wall_s"}

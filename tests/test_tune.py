@@ -12,11 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PickleThatWritesAFile
-
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import dump_yaml, load_config
 from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
+from conftest import PickleThatWritesAFile
 
 REPO = Path(__file__).resolve().parent.parent
 TUNING = REPO / "tuning"
@@ -92,6 +91,7 @@ def test_bundles_hold_the_driver_and_each_worker():
                              "dist.cpus_per_worker=2", "sweep.trial_cpus=1"])
     assert spec.bundles() == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 0.5}] * 3
     from ray import tune
+
     from amfs_dist.tune.sweep import make_trainable
     pgf = tune.PlacementGroupFactory(spec.bundles(), strategy="PACK")
     assert pgf.required_resources == {"CPU": 7.0, "GPU": 1.5}
