@@ -1,4 +1,4 @@
-"""ProtoNet and R2-D2 (DESIGN 1.3 baselines) against float64 references, in train/eval and on workers."""
+"""ProtoNet and R2-D2 (docs/algorithm.md baselines) against float64 references, in train/eval and on workers."""
 import json
 
 import pytest

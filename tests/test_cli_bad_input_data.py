@@ -88,7 +88,7 @@ class Case:
 
 
 CASES = [
-    # item 1: --force replaces only a store; --out and --src may not nest
+    # --force replaces only a store; --out and --src may not nest
     Case("force-on-a-user-folder",
          lambda t: prepare("--src", src(t), "--out", user_folder(t), "--force"),
          ("{tmp}/U", "not an amfs data store", "nothing was deleted")),
@@ -112,11 +112,11 @@ CASES = [
          ("--out {tmp}/out is not a folder",)),
     Case("existing-out-without-force",
          lambda t: prepare("--src", src(t), "--out", store(t)), ("{tmp}/store", "--force")),
-    # item 19: a FIFO named *.png must not hang prepare
+    # a FIFO named *.png must not hang prepare
     Case("fifo-named-png", lambda t: prepare("--src", with_fifo(t), "--out", t / "out"),
          ("{tmp}/SRC/images_background/Beta/character01/09.png", "not a regular file"),
          subprocess=True),
-    # item 16: manifests and tables that are not what a store holds
+    # manifests and tables that are not what a store holds
     Case("manifest-image-shape-not-integers",
          lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=["1", 8, 8]))],
          ("{tmp}/store/manifest.json", "'image_shape'")),
@@ -148,7 +148,7 @@ CASES = [
     Case("train-on-a-label-column-with-nulls",
          lambda t: train(t, edit_labels(store(t), pa.array([None] * 60, pa.int64()))),
          ("{tmp}/store/data.arrow", "'label'")),
-    # item 7: what would fail mid-run is refused before the run folder is made
+    # what would fail mid-run is refused before the run folder is made
     Case("data-queries-above-the-images-of-a-class",
          lambda t: train(t, store(t), "data.queries=5"),
          ("data.queries=5", "'train'", "has 5", "at most data.queries=4")),

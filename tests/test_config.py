@@ -1,4 +1,4 @@
-"""Config loading, overrides and validation errors (DESIGN 4)."""
+"""Config loading, overrides and validation errors (README, Configuration)."""
 import pytest
 import yaml
 from hypothesis import given, settings

@@ -219,7 +219,7 @@ def test_existing_out_is_refused_before_converting(tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     src = lake_tree(tmp_path / "src")
-    # --force replaces a store, never a folder of the user's (issue 8, item 1)
+    # --force replaces a store, never a folder of the user's
     assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 2
     assert "is not an amfs data store (it holds 'keep.txt')" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
@@ -573,7 +573,7 @@ def test_bench_data_reports_the_trainer_rate(tmp_path, monkeypatch):
     assert seen == {"source": str(tmp_path / "store"), "batch": 32, "steps": 2}
 
 
-# --- the store's folder: killed prepares, permissions, class order (issue 8) -------------
+# --- the store's folder: killed prepares, permissions, class order ----------------------
 
 KILLED_WHILE_WRITING = """
 import os, signal, sys

@@ -268,7 +268,7 @@ def test_converter_as_the_samplers_transform_for_cross_domain_episodes(store):
     assert torch.allclose(b.xq.flatten(0, 1), back.expand(-1, 3, -1, -1))
 
 
-# --- any manifest loads or is one UserError line (issue 8, item 16) ----------------------
+# --- any manifest loads or is one UserError line -------------------------------------
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),

@@ -89,7 +89,7 @@ def test_sinusoid_tasks():
     torch.testing.assert_close(basis @ coef, y[:, None], atol=1e-5, rtol=0)
 
 
-# --- a damaged glyph cache is rendered again, not used (issue 8, item 8) -----------------
+# --- a damaged glyph cache is rendered again, not used --------------------------------
 
 @pytest.mark.slow  # renders the 14,400 glyphs at 16x16 once: ~25 s on 2 busy cores
 def test_a_glyph_cache_file_of_the_wrong_shape_is_rebuilt(tmp_path, monkeypatch, capsys):

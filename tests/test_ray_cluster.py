@@ -123,7 +123,7 @@ def test_own_ray_instance_listens_on_loopback_only_and_joins_no_other_cluster(tm
     assert len({p for p, _, _ in sockets}) >= 5, sockets  # GCS, raylet, agents, driver, workers
     exposed = [(names[p], str(a), port) for p, a, port in sockets if not is_loopback(a)]
     assert not exposed, f"listening beyond loopback: {exposed}"
-    assert auth == {1}  # RAY_AUTH_MODE is set explicitly (DESIGN 5), not left to Ray
+    assert auth == {1}  # RAY_AUTH_MODE is set explicitly, not left to Ray
 
 
 # -- requests the cluster cannot hold (the session cluster: 2 CPUs, 2 GPUs, 1 node) --------------
