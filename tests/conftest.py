@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny configs, and one Ray cluster per test session (started on first use)."""
+"""Shared fixtures: the tiny settings, seeded global random generators, one Ray cluster per test
+session (started on first use), and a `ray start --head` cluster of a test's own (head_node)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +23,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.meta_batch=4",
         "train.val_every=0", "eval.episodes=6", "eval.queries=2", "eval.batch=3",
         "train.val_episodes=3", "maml.steps=1", "maml.test_steps=1"]
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """Each test starts from the same state of torch's, numpy's and Python's global random
+    generators: a test that draws from them without a generator of its own is reproducible and
+    does not depend on which tests ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

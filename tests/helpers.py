@@ -64,6 +64,16 @@ def resume_to_the_end(cmd: list[str], run: Path, env: dict, steps: int, timeout:
     return result
 
 
+def assert_whole_queries(accuracy: float, episodes: int, ways: int, queries: int) -> None:
+    """`accuracy` is the share of correctly classified queries over `episodes` episodes of
+    `ways` x `queries` queries each: a whole number of them (so the evaluation saw every
+    query of every episode, and no padded or repeated one)."""
+    total = episodes * ways * queries
+    correct = accuracy * total
+    assert 0 <= correct <= total and abs(correct - round(correct)) < 1e-6 * total, \
+        f"accuracy {accuracy} is not k/{total}"
+
+
 def train_in_process(cfg, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir)

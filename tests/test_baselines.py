@@ -11,6 +11,7 @@ from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.cli import main
 from amfs_dist.config import ConfigError, load_config
 from amfs_dist.data import make_task_source
+from helpers import assert_whole_queries
 
 
 def _features(n=7, q=5, d=6, ways=3, seed=0, dtype=torch.float64):
@@ -144,10 +145,13 @@ def test_train_then_eval(method, tiny, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=2",
                  f"method={method}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["method"] == method and 0 <= result["test_accuracy"] <= 1
+    assert result["method"] == method
+    assert_whole_queries(result["test_accuracy"], episodes=6, ways=3, queries=2)  # tiny's eval
     assert main(["eval", str(run), "--episodes", "6"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["method"] == method
+    # the same model on the same 6 test episodes
+    assert evaluated["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-9)
     assert evaluated["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from helpers import is_loopback, listening_sockets, session_pids
+from helpers import assert_whole_queries, is_loopback, listening_sockets, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,8 @@ def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
                 if '"test_accuracy"' in line and "{" in line]
     assert streamed and streamed[-1]["meta_steps"] == 3
     result = json.loads((run / "result.json").read_text())
-    assert result["meta_steps"] == 3 and 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["meta_steps"] == 3 and streamed[-1] == result
+    assert_whole_queries(result["test_accuracy"], episodes=6, ways=3, queries=2)  # TINY's eval
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["exchange_bytes"] > 0 for r in rows)  # ran on workers
     # the head's servers (GCS, raylet, dashboard, agents, job supervisor) listen on loopback only
