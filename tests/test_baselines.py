@@ -131,9 +131,10 @@ def test_presets_and_their_keys():
     assert load_config(None, ["method=r2d2", "kernel.mu=0.1"]).replace(method="amfs").kernel.mu == 0.1
 
 
-@pytest.mark.parametrize("override,key", [(["kernel.type=poly"], "kernel.type"),
-                                          (["method=protonet", "data.source=sinusoid"], "method"),
-                                          (["inner=protonet", "data.source=sinusoid"], "inner")])
+@pytest.mark.parametrize("override,key", [
+    pytest.param(["kernel.type=poly"], "kernel.type", id="unknown-kernel-type"),
+    pytest.param(["method=protonet", "data.source=sinusoid"], "method", id="protonet-method-on-regression"),
+    pytest.param(["inner=protonet", "data.source=sinusoid"], "inner", id="protonet-inner-on-regression")])
 def test_bad_baseline_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, override)

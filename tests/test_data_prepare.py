@@ -185,10 +185,11 @@ def test_omniglot_missing_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (b"this is not a png", "cannot decode image"),
-    (GLYPHS[0][: len(GLYPHS[0]) // 2], "cannot decode image"),  # truncated
-    (png(np.zeros((50, 50), np.uint8)), "expected 105x105 pixels"),
-    (png(np.zeros((105, 105, 3), np.uint8)), "expected a greyscale image"),
+    pytest.param(b"this is not a png", "cannot decode image", id="not-an-image"),
+    pytest.param(GLYPHS[0][: len(GLYPHS[0]) // 2], "cannot decode image", id="truncated-png"),
+    pytest.param(png(np.zeros((50, 50), np.uint8)), "expected 105x105 pixels", id="wrong-size"),
+    pytest.param(png(np.zeros((105, 105, 3), np.uint8)), "expected a greyscale image",
+                 id="colour-image"),
 ])
 def test_omniglot_bad_images(tmp_path, capsys, bad, message):
     src = lake_tree(tmp_path / "src")
@@ -615,7 +616,7 @@ def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(kept + ["omni"])
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=lambda u: f"umask-{u:03o}")
 def test_a_store_gets_the_modes_of_the_umask(tmp_path, umask):
     src = lake_tree(tmp_path / "src")
     previous = os.umask(umask)

@@ -150,17 +150,23 @@ def _edit_manifest(store: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda s: (s / "manifest.json").unlink(), "is not an amfs data store: manifest.json is "
-                                               "missing"),
-    (lambda s: (s / "manifest.json").write_text("{"), "manifest.json: not valid JSON"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(format="other")), "not an amfs data store"),
-    (lambda s: (s / "data.arrow").unlink(), "data.arrow is missing"),
-    (lambda s: (s / "data.arrow").write_bytes(b"not arrow at all"), "not a readable Arrow file"),
-    (lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].update(images=7)),
-     "manifest mismatch: the number of images in split 'train' is 7"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(image_shape=[3, 6, 6])),
-     "manifest mismatch: the image size is"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(num_classes=13)), "manifest mismatch"),
+    pytest.param(lambda s: (s / "manifest.json").unlink(),
+                 "is not an amfs data store: manifest.json is missing", id="manifest-missing"),
+    pytest.param(lambda s: (s / "manifest.json").write_text("{"),
+                 "manifest.json: not valid JSON", id="manifest-not-json"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(format="other")),
+                 "not an amfs data store", id="manifest-of-another-format"),
+    pytest.param(lambda s: (s / "data.arrow").unlink(), "data.arrow is missing",
+                 id="table-missing"),
+    pytest.param(lambda s: (s / "data.arrow").write_bytes(b"not arrow at all"),
+                 "not a readable Arrow file", id="table-not-arrow"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].update(images=7)),
+                 "manifest mismatch: the number of images in split 'train' is 7",
+                 id="manifest-split-size-unlike-the-table"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(image_shape=[3, 6, 6])),
+                 "manifest mismatch: the image size is", id="manifest-image-shape-unlike-the-table"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(num_classes=13)),
+                 "manifest mismatch", id="manifest-class-count-unlike-the-table"),
 ])
 def test_open_store_names_the_path_of_a_broken_store(store, damage, message):
     damage(store)

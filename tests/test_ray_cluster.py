@@ -129,11 +129,13 @@ def test_own_ray_instance_listens_on_loopback_only_and_joins_no_other_cluster(tm
 # -- requests the cluster cannot hold (the session cluster: 2 CPUs, 2 GPUs, 1 node) --------------
 @pytest.mark.ray
 @pytest.mark.parametrize("ask, says", [
-    (["dist.workers=1", "dist.gpus_per_worker=1", "dist.cpus_per_worker=3"],
-     "asks for 3 CPU, 1 GPU"),
-    (["dist.workers=3", "dist.gpus_per_worker=1", "dist.cpus_per_worker=0.5"],
-     "asks for 1.5 CPU, 3 GPU (0.5 CPU, 1 GPU on one node)"),
-    (["dist.workers=1", "dist.cpus_per_worker=99"], "asks for 99 CPU"),
+    pytest.param(["dist.workers=1", "dist.gpus_per_worker=1", "dist.cpus_per_worker=3"],
+                 "asks for 3 CPU, 1 GPU", id="a-worker-of-3-cpus-on-2"),
+    pytest.param(["dist.workers=3", "dist.gpus_per_worker=1", "dist.cpus_per_worker=0.5"],
+                 "asks for 1.5 CPU, 3 GPU (0.5 CPU, 1 GPU on one node)",
+                 id="3-gpus-on-2"),
+    pytest.param(["dist.workers=1", "dist.cpus_per_worker=99"], "asks for 99 CPU",
+                 id="99-cpus-on-2"),
 ])
 def test_workers_the_cluster_cannot_hold_fail_at_once(ray_session, tmp_path, capsys, ask, says):
     t0 = time.monotonic()

@@ -71,7 +71,8 @@ def _check_stopped(run: Path, rc: int, output: str, signum: int) -> None:
 ARGS = TINY + [f"train.steps={STEPS}", f"train.checkpoint_every={10 * STEPS}"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
+                         ids=lambda s: s.name)
 def test_a_stop_signal_checkpoints_in_process_and_resume_matches(signum, tmp_path):
     run, env = tmp_path / "run", _env()
     rc, output = _signal_mid_run(run, ARGS, signum, env, tmp_path / "run.log")
