@@ -102,7 +102,8 @@ def png(array: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-GLYPHS = [png(np.random.default_rng(0).random((105, 105)) > 0.3, "1") for _ in range(4)]  # 1-bit, like Omniglot
+_glyph_rng = np.random.default_rng(0)
+GLYPHS = [png(_glyph_rng.random((105, 105)) > 0.3, "1") for _ in range(4)]  # 1-bit, like Omniglot
 
 
 def write(path: Path, data: bytes) -> Path:
