@@ -39,7 +39,7 @@ def _one_of(*options): return lambda v: v in options
 # value from PRESETS, else the value here.
 METHOD_DEFAULTS = {"kernel.type": "rbf", "kernel.normalize": True, "kernel.mu": 0.05,
                    "kernel.gamma": 0.01, "kernel.learn_lam": False}
-PRESETS = {  # method -> inner loop, outer weighting and any method defaults it changes (DESIGN 1.3)
+PRESETS = {  # method -> inner loop, outer weighting and any method defaults it changes (docs/algorithm.md)
     "amfs": {"inner": "kernel", "outer.weighting": "cosine"},
     "iamfs": {"inner": "kernel", "outer.weighting": "mean"},
     "oamfs": {"inner": "maml", "outer.weighting": "cosine"},

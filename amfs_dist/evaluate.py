@@ -1,4 +1,4 @@
-"""Episode evaluation (DESIGN 1.4) and `amfs eval` on a finished run."""
+"""Episode evaluation (docs/algorithm.md, Evaluation protocol) and `amfs eval` on a finished run."""
 from __future__ import annotations
 
 import json

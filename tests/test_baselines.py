@@ -1,4 +1,4 @@
-"""ProtoNet and R2-D2 (DESIGN 1.3 baselines) against float64 references, in train/eval and on workers."""
+"""ProtoNet and R2-D2 (docs/algorithm.md baselines) against float64 references, in train/eval and on workers."""
 import json
 
 import pytest
@@ -11,6 +11,7 @@ from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.cli import main
 from amfs_dist.config import ConfigError, load_config
 from amfs_dist.data import make_task_source
+from helpers import assert_whole_queries
 
 
 def _features(n=7, q=5, d=6, ways=3, seed=0, dtype=torch.float64):
@@ -130,9 +131,10 @@ def test_presets_and_their_keys():
     assert load_config(None, ["method=r2d2", "kernel.mu=0.1"]).replace(method="amfs").kernel.mu == 0.1
 
 
-@pytest.mark.parametrize("override,key", [(["kernel.type=poly"], "kernel.type"),
-                                          (["method=protonet", "data.source=sinusoid"], "method"),
-                                          (["inner=protonet", "data.source=sinusoid"], "inner")])
+@pytest.mark.parametrize("override,key", [
+    pytest.param(["kernel.type=poly"], "kernel.type", id="unknown-kernel-type"),
+    pytest.param(["method=protonet", "data.source=sinusoid"], "method", id="protonet-method-on-regression"),
+    pytest.param(["inner=protonet", "data.source=sinusoid"], "inner", id="protonet-inner-on-regression")])
 def test_bad_baseline_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, override)
@@ -144,10 +146,13 @@ def test_train_then_eval(method, tiny, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--no-progress", *tiny, "train.steps=2",
                  f"method={method}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["method"] == method and 0 <= result["test_accuracy"] <= 1
+    assert result["method"] == method
+    assert_whole_queries(result["test_accuracy"], episodes=6, ways=3, queries=2)  # tiny's eval
     assert main(["eval", str(run), "--episodes", "6"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["method"] == method
+    # the same model on the same 6 test episodes
+    assert evaluated["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-9)
     assert evaluated["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
 
 

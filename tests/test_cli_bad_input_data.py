@@ -11,17 +11,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pytest
-from test_data_prepare import lake_tree
-from test_data_store import class_marked_set
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.store import write_store
+from helpers import class_marked_set, lake_tree
 
 TRAIN = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.steps=2",
          "train.meta_batch=2", "train.val_every=0", "eval.episodes=2", "eval.queries=2",
@@ -89,7 +88,7 @@ class Case:
 
 
 CASES = [
-    # item 1: --force replaces only a store; --out and --src may not nest
+    # --force replaces only a store; --out and --src may not nest
     Case("force-on-a-user-folder",
          lambda t: prepare("--src", src(t), "--out", user_folder(t), "--force"),
          ("{tmp}/U", "not an amfs data store", "nothing was deleted")),
@@ -113,11 +112,11 @@ CASES = [
          ("--out {tmp}/out is not a folder",)),
     Case("existing-out-without-force",
          lambda t: prepare("--src", src(t), "--out", store(t)), ("{tmp}/store", "--force")),
-    # item 19: a FIFO named *.png must not hang prepare
+    # a FIFO named *.png must not hang prepare
     Case("fifo-named-png", lambda t: prepare("--src", with_fifo(t), "--out", t / "out"),
          ("{tmp}/SRC/images_background/Beta/character01/09.png", "not a regular file"),
          subprocess=True),
-    # item 16: manifests and tables that are not what a store holds
+    # manifests and tables that are not what a store holds
     Case("manifest-image-shape-not-integers",
          lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=["1", 8, 8]))],
          ("{tmp}/store/manifest.json", "'image_shape'")),
@@ -149,7 +148,7 @@ CASES = [
     Case("train-on-a-label-column-with-nulls",
          lambda t: train(t, edit_labels(store(t), pa.array([None] * 60, pa.int64()))),
          ("{tmp}/store/data.arrow", "'label'")),
-    # item 7: what would fail mid-run is refused before the run folder is made
+    # what would fail mid-run is refused before the run folder is made
     Case("data-queries-above-the-images-of-a-class",
          lambda t: train(t, store(t), "data.queries=5"),
          ("data.queries=5", "'train'", "has 5", "at most data.queries=4")),

@@ -7,21 +7,33 @@ exchange). dist.block_size=512 splits the tiny model's parameters over up to 3 w
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
-from test_distributed import (BASE, assert_same_params, cfg_of, kill_worker_after, metrics,
-                              model_state, train_in_process)
-
-from amfs_dist.algorithms.outer import (agreement, agreement_from_gram, block_gram, combine,
-                                        task_weights)
+from amfs_dist.algorithms.outer import (
+    agreement,
+    agreement_from_gram,
+    block_gram,
+    combine,
+    task_weights,
+)
 from amfs_dist.backend import InProcessBackend, apply_direction, weighted_direction
 from amfs_dist.config import load_config
 from amfs_dist.distributed.collective import shares, tasks_of
 from amfs_dist.distributed.faults import faulty_source_factory
 from amfs_dist.errors import WorkerFailedError
 from amfs_dist.train import CHECKPOINT, Trainer, run_training
+from helpers import (
+    BASE,
+    assert_same_params,
+    cfg_of,
+    kill_worker_after,
+    metrics,
+    model_state,
+    train_in_process,
+)
 
 COLLECTIVE = ("dist.exchange=collective", "dist.block_size=512", "dist.timeout_s=30")
 ATOL = 1e-5
@@ -83,21 +95,29 @@ def test_a_worker_given_several_gpus_is_refused(monkeypatch):
 
 
 def test_sampling_is_prefetched_off_the_critical_path():
-    """In process, step s+1's episodes are drawn while step s computes: the step waits for
-    them far less than drawing them takes, and the gradients are unchanged."""
+    """In process, step s+1's episodes are drawn in the background thread while step s
+    computes: after the first step, no step draws its own episodes, none is drawn twice, and
+    the gradients are those of a step that draws its own."""
     cfg = load_config(None, BASE + ["data.queries=15"])
     backend = InProcessBackend(cfg)
+    source = backend.prefetcher.source
+    draws = []  # (step, thread that drew it)
+
+    def sample(split, step, task_ids, *args, **kwargs):
+        draws.append((step, threading.current_thread().name))
+        return type(source).sample(source, split, step, task_ids, *args, **kwargs)
+
+    source.sample = sample
     flat = backend.learner.flat_params()
     ids = list(range(4))
     try:
-        first, t0 = backend.task_gradients(flat, 0, ids)
-        assert t0["sampling_wait_s"] >= t0["sampling_s"] * 0.5  # nothing prefetched yet
-        waits, draws = [], []
-        for step in range(1, 4):
-            tg, t = backend.task_gradients(flat, step, ids)
-            waits.append(t["sampling_wait_s"])
-            draws.append(t["sampling_s"])
-        assert sum(waits) < 0.5 * sum(draws)
+        for step in range(4):
+            tg, _ = backend.task_gradients(flat, step, ids)
+        here = threading.current_thread().name
+        assert draws[0] == (0, here)  # nothing to prefetch from
+        assert [(s, name.startswith("amfs-prefetch")) for s, name in draws[1:4]] == \
+            [(1, True), (2, True), (3, True)]
+        assert [s for s, _ in draws] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])  # step 4: maybe begun
         fresh = InProcessBackend(cfg)  # no prefetch: draws step 3 itself
         tg3, _ = fresh.task_gradients(flat, 3, ids)
         assert torch.equal(tg3.grads, tg.grads)
@@ -155,7 +175,7 @@ def test_collective_sketch_weights_within_the_sketch_bounds(ray_session):
         backend.load_state({"model": trainer.learner.module.state_dict(),
                             "optimizer": trainer.optimizer.state_dict(), "step": 0})
         for step, weighting in [(0, "mean"), (1, "cosine")]:
-            weigh = lambda v, gram=None: task_weights(v, weighting, gram=gram)
+            weigh = lambda v, gram=None, weighting=weighting: task_weights(v, weighting, gram=gram)
             flat = trainer.learner.flat_params()
             res = backend.step(step, ids, weigh)
             tg, timings = local.task_gradients(flat, step, ids)

@@ -1,7 +1,8 @@
-"""Config loading, overrides and validation errors (DESIGN 4)."""
+"""Config loading, overrides and validation errors (README, Configuration)."""
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amfs_dist.cli import main
 from amfs_dist.config import SCHEMA, ConfigError, load_config

@@ -20,30 +20,15 @@ from amfs_dist.data.episodes import ImageEpisodeSampler
 from amfs_dist.data.prepare.common import split_list
 from amfs_dist.data.prepare.omniglot import lake_val_alphabets
 from amfs_dist.data.store import open_store, read_manifest
+from helpers import GLYPHS, lake_tree, png, write
 
 RNG = np.random.default_rng(0)
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    image = Image.fromarray(array)
-    (image.convert(mode) if mode else image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def jpeg(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
-
-
-GLYPHS = [png(RNG.random((105, 105)) > 0.3, "1") for _ in range(4)]  # 1-bit, like Omniglot
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def prepare(*args) -> int:
@@ -83,7 +68,7 @@ def vinyals_tree(root: Path, per_class: int = 1, skip: str | None = None) -> Pat
     evaluation = {a for s, a, _ in split_list("omniglot_vinyals") if s == "test"} | {
         "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez",
         "Glagolitic"}
-    for i, (_, alphabet, span) in enumerate(split_list("omniglot_vinyals")):
+    for _, alphabet, span in split_list("omniglot_vinyals"):
         folder = root / ("images_evaluation" if alphabet in evaluation else "images_background")
         first, last = (int(x) for x in span.split("-"))
         for c in range(first, last + 1):
@@ -93,17 +78,6 @@ def vinyals_tree(root: Path, per_class: int = 1, skip: str | None = None) -> Pat
             for k in range(per_class):
                 write(folder / alphabet / f"character{c:02d}" / f"{c:04d}_{k:02d}.png",
                       GLYPHS[(c + k) % len(GLYPHS)])
-    return root
-
-
-def lake_tree(root: Path, per_class: int = 3) -> Path:
-    layout = {"images_background": ["Beta", "Alpha", "Gamma"], "images_evaluation": ["Delta"]}
-    for folder, alphabets in layout.items():
-        for a, alphabet in enumerate(alphabets):
-            for c in range(1, 3):
-                for k in range(per_class):
-                    write(root / folder / alphabet / f"character{c:02d}" / f"{k:02d}.png",
-                          GLYPHS[(a + c + k) % len(GLYPHS)])
     return root
 
 
@@ -211,10 +185,11 @@ def test_omniglot_missing_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (b"this is not a png", "cannot decode image"),
-    (GLYPHS[0][: len(GLYPHS[0]) // 2], "cannot decode image"),  # truncated
-    (png(np.zeros((50, 50), np.uint8)), "expected 105x105 pixels"),
-    (png(np.zeros((105, 105, 3), np.uint8)), "expected a greyscale image"),
+    pytest.param(b"this is not a png", "cannot decode image", id="not-an-image"),
+    pytest.param(GLYPHS[0][: len(GLYPHS[0]) // 2], "cannot decode image", id="truncated-png"),
+    pytest.param(png(np.zeros((50, 50), np.uint8)), "expected 105x105 pixels", id="wrong-size"),
+    pytest.param(png(np.zeros((105, 105, 3), np.uint8)), "expected a greyscale image",
+                 id="colour-image"),
 ])
 def test_omniglot_bad_images(tmp_path, capsys, bad, message):
     src = lake_tree(tmp_path / "src")
@@ -245,7 +220,7 @@ def test_existing_out_is_refused_before_converting(tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     src = lake_tree(tmp_path / "src")
-    # --force replaces a store, never a folder of the user's (issue 8, item 1)
+    # --force replaces a store, never a folder of the user's
     assert prepare("omniglot", "--src", src, "--out", out, "--split", "lake", "--force") == 2
     assert "is not an amfs data store (it holds 'keep.txt')" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
@@ -582,8 +557,9 @@ def test_bench_data_prints_json_lines(capsys):
 
 def test_bench_data_reports_the_trainer_rate(tmp_path, monkeypatch):
     answer = {"tasks_per_s": 12.5, "step_s": 2.56}
-    import types
     import sys
+    import types
+
     from amfs_dist.benchmarks import data as bench_data
 
     seen = {}
@@ -598,7 +574,7 @@ def test_bench_data_reports_the_trainer_rate(tmp_path, monkeypatch):
     assert seen == {"source": str(tmp_path / "store"), "batch": 32, "steps": 2}
 
 
-# --- the store's folder: killed prepares, permissions, class order (issue 8) -------------
+# --- the store's folder: killed prepares, permissions, class order ----------------------
 
 KILLED_WHILE_WRITING = """
 import os, signal, sys
@@ -640,7 +616,7 @@ def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(kept + ["omni"])
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=lambda u: f"umask-{u:03o}")
 def test_a_store_gets_the_modes_of_the_umask(tmp_path, umask):
     src = lake_tree(tmp_path / "src")
     previous = os.umask(umask)

@@ -16,21 +16,9 @@ from hypothesis import strategies as st
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.convert import image_converter
-from amfs_dist.data.episodes import ImageEpisodeSampler, ImageSet
+from amfs_dist.data.episodes import ImageEpisodeSampler
 from amfs_dist.data.store import StoreError, content_hash, open_store, read_manifest, write_store
-
-
-def class_marked_set(classes=12, per_class=20, shape=(1, 6, 6), splits=(6, 3, 3)) -> ImageSet:
-    """Every image's first pixel is its class index, the rest random: membership is visible."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), per_class)
-    images = rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8)
-    images[:, 0, 0, 0] = labels
-    bounds = np.cumsum((0,) + splits)
-    return ImageSet(images=images, labels=labels, class_names=[f"c{i:02d}" for i in range(classes)],
-                    splits={s: np.arange(bounds[i], bounds[i + 1])
-                            for i, s in enumerate(("train", "val", "test"))},
-                    groups=[f"g{i // 4}" for i in range(classes)])
+from helpers import class_marked_set
 
 
 @pytest.fixture
@@ -162,17 +150,23 @@ def _edit_manifest(store: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda s: (s / "manifest.json").unlink(), "is not an amfs data store: manifest.json is "
-                                               "missing"),
-    (lambda s: (s / "manifest.json").write_text("{"), "manifest.json: not valid JSON"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(format="other")), "not an amfs data store"),
-    (lambda s: (s / "data.arrow").unlink(), "data.arrow is missing"),
-    (lambda s: (s / "data.arrow").write_bytes(b"not arrow at all"), "not a readable Arrow file"),
-    (lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].update(images=7)),
-     "manifest mismatch: the number of images in split 'train' is 7"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(image_shape=[3, 6, 6])),
-     "manifest mismatch: the image size is"),
-    (lambda s: _edit_manifest(s, lambda m: m.update(num_classes=13)), "manifest mismatch"),
+    pytest.param(lambda s: (s / "manifest.json").unlink(),
+                 "is not an amfs data store: manifest.json is missing", id="manifest-missing"),
+    pytest.param(lambda s: (s / "manifest.json").write_text("{"),
+                 "manifest.json: not valid JSON", id="manifest-not-json"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(format="other")),
+                 "not an amfs data store", id="manifest-of-another-format"),
+    pytest.param(lambda s: (s / "data.arrow").unlink(), "data.arrow is missing",
+                 id="table-missing"),
+    pytest.param(lambda s: (s / "data.arrow").write_bytes(b"not arrow at all"),
+                 "not a readable Arrow file", id="table-not-arrow"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m["splits"]["train"].update(images=7)),
+                 "manifest mismatch: the number of images in split 'train' is 7",
+                 id="manifest-split-size-unlike-the-table"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(image_shape=[3, 6, 6])),
+                 "manifest mismatch: the image size is", id="manifest-image-shape-unlike-the-table"),
+    pytest.param(lambda s: _edit_manifest(s, lambda m: m.update(num_classes=13)),
+                 "manifest mismatch", id="manifest-class-count-unlike-the-table"),
 ])
 def test_open_store_names_the_path_of_a_broken_store(store, damage, message):
     damage(store)
@@ -280,7 +274,7 @@ def test_converter_as_the_samplers_transform_for_cross_domain_episodes(store):
     assert torch.allclose(b.xq.flatten(0, 1), back.expand(-1, 3, -1, -1))
 
 
-# --- any manifest loads or is one UserError line (issue 8, item 16) ----------------------
+# --- any manifest loads or is one UserError line -------------------------------------
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),

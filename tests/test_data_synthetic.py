@@ -6,8 +6,14 @@ import torch
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import load_config
 from amfs_dist.data import make_task_source
-from amfs_dist.data.synthetic import (_RENDER_VERSION, GLYPH_CLASSES, GLYPH_INSTANCES,
-                                     SinusoidTasks, glyph_images, render_glyphs)
+from amfs_dist.data.synthetic import (
+    _RENDER_VERSION,
+    GLYPH_CLASSES,
+    GLYPH_INSTANCES,
+    SinusoidTasks,
+    glyph_images,
+    render_glyphs,
+)
 
 
 def test_glyphs_are_deterministic_and_class_disjoint(tmp_path, monkeypatch):
@@ -83,7 +89,7 @@ def test_sinusoid_tasks():
     torch.testing.assert_close(basis @ coef, y[:, None], atol=1e-5, rtol=0)
 
 
-# --- a damaged glyph cache is rendered again, not used (issue 8, item 8) -----------------
+# --- a damaged glyph cache is rendered again, not used --------------------------------
 
 @pytest.mark.slow  # renders the 14,400 glyphs at 16x16 once: ~25 s on 2 busy cores
 def test_a_glyph_cache_file_of_the_wrong_shape_is_rebuilt(tmp_path, monkeypatch, capsys):

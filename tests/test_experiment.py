@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from amfs_dist.cli import main
-from test_job_submit import head_node  # noqa: F401  (fixture: a `ray start --head` of its own)
 from amfs_dist.config import ConfigError
 from amfs_dist.errors import UserError
 from amfs_dist.experiment.report import t_ci95

@@ -1,4 +1,4 @@
-"""I-AMFS math against float64 references (DESIGN 1.1)."""
+"""I-AMFS math against float64 references (docs/algorithm.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""O-AMFS weighting (DESIGN 1.2)."""
+"""O-AMFS weighting (docs/algorithm.md)."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

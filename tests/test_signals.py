@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-from test_distributed import (assert_same_params, metrics, model_state, resume_to_the_end,
-                              train_in_process)
-
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT
+from conftest import TINY
+from helpers import (
+    assert_same_params,
+    metrics,
+    model_state,
+    resume_to_the_end,
+    train_in_process,
+)
 
 STEPS = 30
 CMD = [sys.executable, "-m", "amfs_dist", "train", "--no-progress"]
@@ -67,7 +71,8 @@ def _check_stopped(run: Path, rc: int, output: str, signum: int) -> None:
 ARGS = TINY + [f"train.steps={STEPS}", f"train.checkpoint_every={10 * STEPS}"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
+                         ids=lambda s: s.name)
 def test_a_stop_signal_checkpoints_in_process_and_resume_matches(signum, tmp_path):
     run, env = tmp_path / "run", _env()
     rc, output = _signal_mid_run(run, ARGS, signum, env, tmp_path / "run.log")

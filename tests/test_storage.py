@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ctrl_c_at_step
-
 from amfs_dist.cli import main
 from amfs_dist.data.episodes import ImageSet
 from amfs_dist.data.store import write_store
 from amfs_dist.train import CHECKPOINT
+from conftest import ctrl_c_at_step
 
 pafs = pytest.importorskip("pyarrow.fs")
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 endpoint")

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import ctrl_c_at_step
-
 from amfs_dist.cli import main
 from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT, run_training
+from conftest import ctrl_c_at_step
+from helpers import assert_whole_queries
 
 RESULT_KEYS = {"method", "test_accuracy", "test_ci95", "test_episodes", "adapt_ms_per_task",
                "meta_steps", "wall_s"}
@@ -49,7 +49,8 @@ def test_every_method_trains_and_writes_a_result(method, tiny, tmp_path):
     result = run_training(cfg, out=tmp_path, progress=False)
     assert RESULT_KEYS <= set(result)
     assert result["method"] == method and result["meta_steps"] == 2
-    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_episodes"] == 6
+    assert result["test_episodes"] == 6
+    assert_whole_queries(result["test_accuracy"], episodes=6, ways=3, queries=2)
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert load_config(tmp_path / "config.yaml").to_flat() == cfg.to_flat()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +90,8 @@ def test_cli_train_then_eval(tiny, tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     evaluated = json.loads(out[0])
-    assert evaluated["test_episodes"] == 4 and 0 <= evaluated["test_accuracy"] <= 1
+    assert evaluated["test_episodes"] == 4
+    assert_whole_queries(evaluated["test_accuracy"], episodes=4, ways=3, queries=2)
     # the first 4 test episodes are the same ones whatever the number asked for
     assert main(["eval", str(run), "--episodes", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["test_accuracy"] == evaluated["test_accuracy"]
@@ -135,7 +137,8 @@ def test_cross_domain_eval_converts_the_other_stores_images(tiny, tmp_path, caps
         assert torch.load(run / "model.pt", weights_only=True)["input_shape"] == shape
         assert main(["eval", str(run), "--episodes", "3", f"data.source={other}"]) == 0
         result = json.loads(capsys.readouterr().out)
-        assert result["data_source"] == str(other) and 0 <= result["test_accuracy"] <= 1
+        assert result["data_source"] == str(other)
+        assert_whole_queries(result["test_accuracy"], episodes=3, ways=3, queries=2)
 
 
 def test_an_input_too_small_for_the_backbone_is_a_clear_error(tmp_path, capsys):

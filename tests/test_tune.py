@@ -12,11 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PickleThatWritesAFile
-
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import dump_yaml, load_config
 from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
+from conftest import PickleThatWritesAFile
+from helpers import assert_whole_queries
 
 REPO = Path(__file__).resolve().parent.parent
 TUNING = REPO / "tuning"
@@ -92,6 +92,7 @@ def test_bundles_hold_the_driver_and_each_worker():
                              "dist.cpus_per_worker=2", "sweep.trial_cpus=1"])
     assert spec.bundles() == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 0.5}] * 3
     from ray import tune
+
     from amfs_dist.tune.sweep import make_trainable
     pgf = tune.PlacementGroupFactory(spec.bundles(), strategy="PACK")
     assert pgf.required_resources == {"CPU": 7.0, "GPU": 1.5}
@@ -206,7 +207,10 @@ def test_sweep_end_to_end_asha_stops_and_best_config_trains(ray_session, tmp_pat
 
     result = json.loads((out / "result.json").read_text())
     assert result["best_trial"] == best["trial"]
-    assert 0.0 <= result["test"]["test_accuracy"] <= 1.0 and result["test"]["test_episodes"] == 6
+    assert result["test"]["test_episodes"] == 6
+    best_cfg = load_config(out / "best-run" / "config.yaml")
+    assert_whole_queries(result["test"]["test_accuracy"], 6, best_cfg.data.ways,
+                         best_cfg.eval.queries)
     assert result["test"]["meta_steps"] == 8 and result["stopped"] == len(stopped)
     assert json.loads((out / "best-run" / "result.json").read_text()) == result["test"]
     steps = [json.loads(ln)["step"] for ln in (out / "best-run" / "metrics.jsonl").open()]

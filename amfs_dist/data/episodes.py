@@ -6,8 +6,9 @@ so a step's tasks are the same whichever worker draws them, and a lost shard can
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class Episodes:
     def num_tasks(self) -> int:
         return self.xs.shape[0]
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "Episodes":
+    def to(self, device, dtype: torch.dtype | None = None) -> Episodes:
         """Moved to `device`, uint8 images turned into floats in [0, 1] (`dtype`, default float32)
         on arrival; floating tensors are cast to `dtype` when it is given."""
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ class Episodes:
         return Episodes(move(self.xs), self.ys.to(device), move(self.xq), self.yq.to(device),
                         self.ways, self.corrupted)
 
-    def index(self, rows) -> "Episodes":
+    def index(self, rows) -> Episodes:
         return Episodes(self.xs[rows], self.ys[rows], self.xq[rows], self.yq[rows], self.ways,
                         None if self.corrupted is None else self.corrupted[rows])
 

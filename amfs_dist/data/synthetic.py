@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -152,7 +152,9 @@ class SinusoidTasks:
             amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, math.pi)
             x = rng.uniform(-5.0, 5.0, size=(self.shots + q, 1))
             y = amplitude * np.sin(x - phase)
-            xs.append(x[:self.shots]); ys.append(y[:self.shots])
-            xq.append(x[self.shots:]); yq.append(y[self.shots:])
+            xs.append(x[:self.shots])
+            ys.append(y[:self.shots])
+            xq.append(x[self.shots:])
+            yq.append(y[self.shots:])
         t = lambda a: torch.from_numpy(np.stack(a)).float()
         return Episodes(t(xs), t(ys), t(xq), t(yq), ways=1)

@@ -1,4 +1,4 @@
-"""Distributed meta-training on Ray (DESIGN 2): shard workers and the driver-side backend.
+"""Distributed meta-training on Ray (docs/scaling.md): shard workers and the driver-side backend.
 
 Importing this package imports Ray; amfs_dist.train imports it only for dist.workers > 0.
 """

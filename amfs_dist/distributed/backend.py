@@ -1,4 +1,4 @@
-"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (DESIGN 2).
+"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (docs/scaling.md).
 
 Each step the driver puts the flat meta-parameters in the object store once, gives worker w
 the task ids w, w+W, w+2W, ... (round robin), and gathers:

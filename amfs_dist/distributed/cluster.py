@@ -2,7 +2,7 @@
 
 - `init_ray`: join the cluster RAY_ADDRESS names (`ray job submit` sets it for its jobs), and
   only that one; without RAY_ADDRESS start a private Ray instance that listens on 127.0.0.1
-  only, never the cluster some earlier `ray start` on the machine registered (DESIGN 5).
+  only, never the cluster some earlier `ray start` on the machine registered (README.md).
 - `check_resources`: a request no node can hold would make Ray wait forever (the shard workers
   until dist.timeout_s, a Tune trial's placement group for ever): refuse it at once, saying
   what was asked and what the cluster has.
@@ -16,6 +16,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from amfs_dist.distributed.raycompat import autoscaling_maximum, loopback_node
 from amfs_dist.errors import UserError
 
 EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
@@ -32,7 +33,7 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
     if address:  # asked for: its auth mode is that cluster's business
         # a private instance on 127.0.0.1 (this module's, or a loopback `ray start`) is joined
         # as one: otherwise Ray turns 127.0.0.1 into the machine's outward address
-        with _loopback_node() if _is_loopback(_host(address)) else nullcontext():
+        with loopback_node() if _is_loopback(_host(address)) else nullcontext():
             ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
@@ -75,7 +76,7 @@ def start_private_ray(**init_kwargs) -> None:
     # Ray >= 2.59 turns token auth on by itself for a new instance, and a later `ray start` /
     # `ray job submit` of the user would disagree with it; loopback binding keeps it private
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    with _loopback_node():
+    with loopback_node():
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
                  **init_kwargs)
     host = _host(ray.get_runtime_context().gcs_address)
@@ -84,21 +85,6 @@ def start_private_ray(**init_kwargs) -> None:
         raise RuntimeError(f"the private Ray instance came up on {host}, not on 127.0.0.1; "
                            f"refusing to run an instance other machines can reach (set "
                            f"RAY_ADDRESS to use a cluster of your own)")
-
-
-@contextmanager
-def _loopback_node():
-    """Ray takes the machine's outward address as the node's address (ray.init turns an explicit
-    127.0.0.1 into it too) and then binds its GCS, raylet, worker and agent servers to every
-    interface. With Ray's multi-node mode off (its RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read
-    when Ray is imported) the node's address is 127.0.0.1, and every server binds to it."""
-    from ray._private import ray_constants
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _host(address: str) -> str:
@@ -121,7 +107,7 @@ def check_resources(bundles: list[dict[str, float]], what: str) -> None:
     asked = f"{what} asks for {_fmt(need)}"
     if len(bundles) > 1:
         asked += f" ({_fmt({k: max(b.get(k, 0.0) for b in bundles) for k in need})} on one node)"
-    maximum = _autoscaling_maximum()
+    maximum = autoscaling_maximum()
     if maximum is not None:  # nodes come and go: only the most it can grow to is a limit
         if any(v > maximum.get(k, 0.0) + EPS for k, v in need.items()):
             raise UserError(f"{asked}, but this autoscaling cluster grows to at most "
@@ -141,16 +127,6 @@ def check_resources(bundles: list[dict[str, float]], what: str) -> None:
         raise UserError(f"{asked}, but the cluster ({len(nodes)} node{'s' * (len(nodes) != 1)}, "
                         f"not autoscaling) has {has} ({_fmt({k: free.get(k, 0.0) for k in need})} "
                         f"free now)")
-
-
-def _autoscaling_maximum() -> dict[str, float] | None:
-    """What an autoscaling cluster can grow to, from the node types its autoscaler publishes in
-    the GCS (as Ray Train checks); None for a cluster of fixed size."""
-    try:
-        from ray._private import state
-        return state.state.get_max_resources_from_cluster_config()
-    except Exception:  # an older or newer Ray without it: judge by the current nodes
-        return None
 
 
 def _total(bundles: list[dict[str, float]]) -> dict[str, float]:

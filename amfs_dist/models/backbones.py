@@ -2,7 +2,7 @@
 
 Every forward takes `n_stats`: batch-norm statistics come from the first n_stats rows only.
 Callers put a task's support set first, so query images never shape the statistics, in
-training and at test time alike (DESIGN 1.4: support-set statistics, no running averages).
+training and at test time alike (docs/algorithm.md: support-set statistics, no running averages).
 """
 from __future__ import annotations
 

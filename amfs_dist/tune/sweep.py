@@ -1,6 +1,6 @@
 """Running a sweep: the trial function, its placement group, the Tuner, and resuming.
 
-A trial is a training driver (DESIGN 2): it builds a Trainer from base config + sampled values,
+A trial is a training driver (tuning/README.md): it builds a Trainer from base config + sampled values,
 reports validation metrics to Tune at every validation (train.val_every steps) together with a
 Tune checkpoint (the trainer's checkpoint.pt, config.yaml and metrics.jsonl), and resumes from
 the latest Tune checkpoint when Tune restarts it. Its resources are a placement group: one
@@ -199,8 +199,8 @@ def sweep_ray(spec: SweepSpec):
 
 
 def _tune_env() -> None:
-    # Tune shows a passed-in CLIReporter only with its legacy output engine
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    from amfs_dist.distributed.raycompat import tune_legacy_output
+    tune_legacy_output()  # Tune shows a passed-in CLIReporter only with its legacy output engine
     # trials checkpoint at every validation on purpose; Tune would warn about frequent syncs
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
