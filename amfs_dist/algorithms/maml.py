@@ -6,7 +6,7 @@ treats each inner gradient as a constant (FO-MAML).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import grad
