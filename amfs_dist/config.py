@@ -72,6 +72,9 @@ SCHEMA: dict[str, Key] = {
     "maml.steps": Key((int,), 5, _at_least_one, ">= 1"),
     "maml.lr": Key((float,), 0.4, _positive, "> 0"),
     "maml.test_steps": Key((int,), 10, _non_negative, ">= 0 (0: the meta-learned init as is)"),
+    # MetaOptNet's SVM (inner=svm): the soft-margin constant and the dual solver's steps
+    "svm.c": Key((float,), 0.1, _positive, "> 0"),
+    "svm.steps": Key((int,), 30, _at_least_one, ">= 1"),
     "train.steps": Key((int,), 200, _non_negative, ">= 0"),
     "train.meta_batch": Key((int,), 8, _at_least_one, ">= 1"),
     "train.lr": Key((float,), 2e-3, _positive, "> 0"),

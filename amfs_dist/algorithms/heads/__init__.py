@@ -41,6 +41,9 @@ ENTRIES = (
     HeadEntry("protonet", "amfs_dist.algorithms.heads.protonet:ProtoNetHead", {
         "protonet": {"outer.weighting": "mean"},
     }, classification_only=True),
+    HeadEntry("svm", "amfs_dist.algorithms.heads.svm:SVMHead", {
+        "metaoptnet": {"outer.weighting": "mean"},
+    }, classification_only=True),
 )
 
 HEADS = {entry.inner: entry for entry in ENTRIES}
