@@ -141,3 +141,12 @@ def test_a_maml_model_refuses_another_number_of_ways(tiny):
     ep = make_task_source(cfg.replace(**{"data.ways": 5})).sample("test", 0, [0])
     with pytest.raises(UserError, match="^data.ways: .*3 ways, not 5"):
         learner.evaluate(learner.params(), ep)
+
+
+def test_metaoptnet_is_in_the_compare_experiment_and_the_train_benchmark():
+    from amfs_dist.benchmarks.train import METHODS
+    from amfs_dist.experiment.spec import load_experiment
+
+    compared = {cell.values["method"] for cell in load_experiment("compare").cells()}
+    assert {"amfs", "protonet", "r2d2", "metaoptnet"} <= compared
+    assert set(METHODS) == set(PRESETS)

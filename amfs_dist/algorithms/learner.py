@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class TaskGradients:
 class ParamLayout:
     """Names and shapes of the learnable parameters, to flatten dicts into rows and back."""
 
-    def __init__(self, params: Params):
+    def __init__(self, params: Mapping[str, torch.Tensor]):
         self.names = list(params)
         self.shapes = [params[n].shape for n in self.names]
         self.numels = [math.prod(s) for s in self.shapes]
