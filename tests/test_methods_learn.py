@@ -1,12 +1,14 @@
 """Every method learns: meta-training on the embedded glyphs raises its test accuracy.
 
-Settings: 5-way 1-shot (chance 0.2), a width-8 Conv-4, 30 meta-steps of 4 tasks. The untrained
-model is not at chance (random features already separate glyphs somewhat), so each method must
-beat both chance and its own untrained accuracy on the same 40 test episodes (120 queries each
-way, 600 in all) by MARGIN. 0.08 is above the 95% interval of the difference of two such
-accuracies (per-episode accuracies vary by ~0.2: 1.96 * 0.2 * sqrt(2 / 40) = 0.088 for
-independent episodes; paired on the same episodes it is smaller), and below every method's
-measured gain (0.11 for MAML to 0.28 for ProtoNet).
+Settings: 5-way 1-shot (chance 0.2), a width-8 Conv-4, 30 meta-steps of 4 tasks. An untrained
+model is already above chance (random features separate glyphs somewhat: 0.44-0.55 here), so
+each method must beat both chance and its own untrained accuracy, on the same 40 test episodes
+of 15 queries, by MARGIN = 0.08. Per-episode accuracies vary by about 0.2, so the 95% interval
+of a mean over 40 episodes is +-1.96 * 0.2 / sqrt(40) = +-0.06; a difference of two means would
+be +-0.088 if they were independent, less on the same episodes (an easy episode is easy before
+and after). A gain of 0.08 is beyond what the episodes' noise gives. Measured gains with
+these settings: 0.105 (fomaml), 0.12 (oamfs), 0.145 (r2d2), 0.18 (maml), 0.22 (amfs, iamfs),
+0.23 (metaoptnet), 0.29 (protonet). The runs are seeded, so the test is deterministic.
 """
 import pytest
 
