@@ -150,3 +150,15 @@ def test_metaoptnet_is_in_the_compare_experiment_and_the_train_benchmark():
     compared = {cell.values["method"] for cell in load_experiment("compare").cells()}
     assert {"amfs", "protonet", "r2d2", "metaoptnet"} <= compared
     assert set(METHODS) == set(PRESETS)
+
+
+def test_a_new_learner_config_reaches_the_head(tiny):
+    """amfs bench adapt sets learner.cfg to test one model with several maml.test_steps."""
+    cfg = load_config(None, tiny + ["method=maml", "maml.test_steps=0"])
+    learner = MetaLearner(cfg, make_task_source(cfg).input_shape)
+    ep = make_task_source(cfg).sample("test", 0, [0]).to("cpu")
+    unadapted, _ = learner.adapt_predict(learner.params(), ep.xs[0], ep.ys[0], ep.xq[0], False)
+    learner.cfg = cfg.replace(**{"maml.test_steps": 2})
+    assert learner.cfg.maml.test_steps == 2
+    adapted, _ = learner.adapt_predict(learner.params(), ep.xs[0], ep.ys[0], ep.xq[0], False)
+    assert not torch.allclose(adapted, unadapted)

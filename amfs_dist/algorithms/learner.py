@@ -53,7 +53,6 @@ class MetaLearner:
     """Builds the model for a config and computes per-task losses and meta-gradients."""
 
     def __init__(self, cfg: Config, input_shape: tuple[int, ...], device: str | torch.device = "cpu"):
-        self.cfg = cfg
         self.ways = cfg.data.ways
         self.regression = cfg.data.source == "sinusoid"
         self.inner = cfg.inner_loop
@@ -71,6 +70,16 @@ class MetaLearner:
         # train.deterministic: one task per chunk, so a task's gradient is computed by the
         # same kernels whatever the number of tasks in this process's pass
         self.task_chunk = 1 if cfg.train.deterministic else (cfg.train.task_chunk or None)
+
+    @property
+    def cfg(self) -> Config:
+        return self.head.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Config) -> None:
+        """Adapt with other settings from now on (amfs bench adapt: maml.test_steps); the model
+        stays as it was built."""
+        self.head.cfg = cfg
 
     # -- parameters ---------------------------------------------------------------------------
     @property
