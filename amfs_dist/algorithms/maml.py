@@ -1,4 +1,5 @@
-"""MAML and FO-MAML inner loops (DESIGN 1.3), written for torch.func.
+"""MAML and FO-MAML inner loops (docs/algorithm.md, "Inner loop: MAML and FO-MAML"), written
+for torch.func.
 
 `adapt` takes any per-task loss(params, x, y); the meta-gradient of a query loss evaluated at
 the adapted parameters is second order through the steps unless first_order is set, which
