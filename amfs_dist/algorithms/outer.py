@@ -1,4 +1,5 @@
-"""O-AMFS (docs/algorithm.md, "Outer loop: O-AMFS weights"): weight each task's meta-gradient by how much it agrees with the others.
+"""O-AMFS (docs/algorithm.md, "Outer loop: O-AMFS weights"): weight each task's meta-gradient
+by how much it agrees with the others.
 
 Works on any [T, D] matrix of task vectors: the full gradients (exact exchange) or random
 projections of them (sketch exchange), which preserve cosines approximately.
