@@ -2,7 +2,16 @@
 
 A head is what turns encoder features into a task's predictions (heads/base.py). This module
 is plain data, so that reading a config does not import torch: a head's class is imported on
-first use. To add a method, write its head file and add one HeadEntry here (CONTRIBUTING.md).
+first use. Adding a method (MetaOptNet's svm.py is the example):
+
+1. a head file here: a FeatureHead (predictions from support and query features) or a Head
+   (anything else: adapt_predict is given the encoder, as MAML's);
+2. one HeadEntry below, with the method presets that use it (`amfs bench train` runs every
+   preset);
+3. its own config keys, if any, in config.py's SCHEMA (svm.c, svm.steps);
+4. a section in docs/algorithm.md, rows in README's methods and keys tables;
+5. tests: a float64 reference and a gradcheck of its solve, and its name in
+   tests/test_methods_learn.py; the method in experiments/compare.yaml.
 """
 from __future__ import annotations
 
