@@ -106,7 +106,7 @@ class MetaLearner:
                       ways: int | None = None):
         """Adapt to one task's support set, predict its queries: (outputs, loss penalty).
         ways: the task's number of classes (default data.ways)."""
-        head_constants = {PREFIX + k: v for k, v in self.module["head"].named_buffers()}
+        head_constants = {PREFIX + k: v for k, v in self.head.named_buffers()}
         return self.head.adapt_predict({**head_constants, **params}, self._features, xs, ys, xq,
                                        ways or self.ways, training)
 
