@@ -162,3 +162,11 @@ def test_a_new_learner_config_reaches_the_head(tiny):
     assert learner.cfg.maml.test_steps == 2
     adapted, _ = learner.adapt_predict(learner.params(), ep.xs[0], ep.ys[0], ep.xq[0], False)
     assert not torch.allclose(adapted, unadapted)
+
+
+def test_non_finite_features_give_non_finite_svm_outputs_not_an_error():
+    """The trainer leaves out a task whose loss is not finite; the solve must not raise."""
+    z, _, Y = _features(6, 8, 3)
+    z[2, 0] = float("nan")
+    alpha = vmap(lambda K, Y: solve_dual(K, Y, 0.1, steps=5))((z @ z.T)[None], Y[None])
+    assert not torch.isfinite(alpha).all()

@@ -22,15 +22,16 @@ def project_rows_to_simplex(v: torch.Tensor) -> torch.Tensor:
     u, _ = torch.sort(v, dim=-1, descending=True)
     excess = torch.cumsum(u, dim=-1) - 1.0
     rank = torch.arange(1, ways + 1, dtype=v.dtype, device=v.device)
-    # the entries that stay positive are a prefix of the sorted row: count them
-    kept = (u - excess / rank > 0).sum(-1, keepdim=True)
+    # the entries that stay positive are a prefix of the sorted row: count them (at least the
+    # largest; a NaN row counts none, and must give NaN, which the trainer drops, not an error)
+    kept = (u - excess / rank > 0).sum(-1, keepdim=True).clamp_min(1)
     theta = torch.gather(excess, -1, kept - 1) / kept.to(v.dtype)
     return torch.clamp_min(v - theta, 0.0)
 
 
 def dual_objective(beta: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, c: float) -> torch.Tensor:
-    """g(beta) = c/2 tr((Y - beta)^T K (Y - beta)) + <beta, Y>: minus the Crammer-Singer dual
-    over c, in the variables beta = Y - alpha / c (for tests and diagnostics)."""
+    """g(beta) = c/2 tr((Y - beta)^T K (Y - beta)) + <beta, Y> = n - D(alpha) / c, where D is
+    the Crammer-Singer dual objective and beta = Y - alpha / c (for tests and diagnostics)."""
     a = Y - beta
     return 0.5 * c * (a * (K @ a)).sum((-2, -1)) + (beta * Y).sum((-2, -1))
 
