@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
+from amfs_dist.algorithms.heads import HEADS, INNER_LOOPS, PRESETS
 from amfs_dist.errors import UserError
 
 
@@ -39,19 +40,6 @@ def _one_of(*options): return lambda v: v in options
 # value from PRESETS, else the value here.
 METHOD_DEFAULTS = {"kernel.type": "rbf", "kernel.normalize": True, "kernel.mu": 0.05,
                    "kernel.gamma": 0.01, "kernel.learn_lam": False}
-PRESETS = {  # method -> inner loop, outer weighting and any method defaults it changes (docs/algorithm.md)
-    "amfs": {"inner": "kernel", "outer.weighting": "cosine"},
-    "iamfs": {"inner": "kernel", "outer.weighting": "mean"},
-    "oamfs": {"inner": "maml", "outer.weighting": "cosine"},
-    "maml": {"inner": "maml", "outer.weighting": "mean"},
-    "fomaml": {"inner": "fomaml", "outer.weighting": "mean"},
-    "protonet": {"inner": "protonet", "outer.weighting": "mean"},
-    # Bertinetto et al. 2019: ridge regression on the raw features, learned lambda and scale
-    "r2d2": {"inner": "kernel", "outer.weighting": "mean", "kernel.type": "linear",
-             "kernel.normalize": False, "kernel.mu": 0.0, "kernel.gamma": 0.0,
-             "kernel.learn_lam": True},
-}
-INNER_LOOPS = ("kernel", "maml", "fomaml", "protonet")
 
 SCHEMA: dict[str, Key] = {
     "seed": Key((int,), 0, _non_negative, ">= 0"),
@@ -84,6 +72,9 @@ SCHEMA: dict[str, Key] = {
     "maml.steps": Key((int,), 5, _at_least_one, ">= 1"),
     "maml.lr": Key((float,), 0.4, _positive, "> 0"),
     "maml.test_steps": Key((int,), 10, _non_negative, ">= 0 (0: the meta-learned init as is)"),
+    # MetaOptNet's SVM (inner=svm): the soft-margin constant and the dual solver's steps
+    "svm.c": Key((float,), 0.1, _positive, "> 0"),
+    "svm.steps": Key((int,), 30, _at_least_one, ">= 1"),
     "train.steps": Key((int,), 200, _non_negative, ">= 0"),
     "train.meta_batch": Key((int,), 8, _at_least_one, ">= 1"),
     "train.lr": Key((float,), 2e-3, _positive, "> 0"),
@@ -328,10 +319,9 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
         raise ConfigError(f"data.conflict_fraction: conflicting tasks relabel classes; they need "
                           f"classification with data.ways >= 2, got "
                           f"{values['data.conflict_fraction']!r}")
-    if values["data.source"] == "sinusoid" and cfg.inner_loop == "protonet":
+    if values["data.source"] == "sinusoid" and HEADS[cfg.inner_loop].classification_only:
         key = "inner" if values["inner"] else "method"
-        raise ConfigError(f"{key}: protonet classifies (class prototypes); data.source=sinusoid "
-                          f"is regression")
+        raise ConfigError(f"{key}: {values[key]} classifies; data.source=sinusoid is regression")
     return cfg
 
 

@@ -132,6 +132,9 @@ ROWS = [
     ("eval-config-not-utf8", 2, lambda t, r: (
         write(r / "config.yaml", (r / "config.yaml").read_bytes() + b"# \xff\n")
         and ["eval", str(r)], "config.yaml")),
+    ("svm-c-not-positive", 2, lambda t, r: (train(t, "method=metaoptnet", "svm.c=0"), "svm.c")),
+    ("svm-head-on-regression", 2, lambda t, r: (
+        train(t, "method=metaoptnet", "data.source=sinusoid"), "method")),
 ]
 
 

@@ -64,7 +64,7 @@ def _sample(source, split, step, ids):
     return source.sample(split, step, ids).to("cpu", torch.float64)
 
 
-@pytest.mark.parametrize("method", ["amfs", "maml", "fomaml", "protonet", "r2d2"])
+@pytest.mark.parametrize("method", ["amfs", "maml", "fomaml", "protonet", "r2d2", "metaoptnet"])
 def test_vmapped_per_task_gradients_equal_a_loop_over_tasks(tiny, method):
     learner, source = _learner(tiny, f"method={method}")
     ep = _sample(source, "train", 3, list(range(4)))

@@ -1,4 +1,5 @@
-"""I-AMFS math (docs/algorithm.md): RBF and linear kernels, the closed-form regularised solve, the information term.
+"""I-AMFS math (docs/algorithm.md, "Inner loop: I-AMFS, a closed-form solve"): RBF and linear
+kernels, the closed-form regularised solve, the information term.
 
 Pure tensor functions over the last two dimensions, so they work per task under vmap and
 batched over leading dimensions alike: no .item(), no data-dependent branches.
@@ -43,7 +44,7 @@ def solve_coefficients(K: torch.Tensor, Y: torch.Tensor, lam: torch.Tensor | flo
 
 def inner_objective(alpha: torch.Tensor, K: torch.Tensor, Y: torch.Tensor,
                     lam: float, mu: float) -> torch.Tensor:
-    """J(alpha) of docs/algorithm.md, summed over output columns (for tests and diagnostics)."""
+    """The inner objective J(alpha) of docs/algorithm.md, summed over output columns (for tests and diagnostics)."""
     r = K @ alpha - Y
     fit = (r * r).sum((-2, -1))
     ridge = (alpha * (K @ alpha)).sum((-2, -1))

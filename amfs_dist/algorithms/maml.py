@@ -1,4 +1,5 @@
-"""MAML and FO-MAML inner loops (docs/algorithm.md), written for torch.func.
+"""MAML and FO-MAML inner loops (docs/algorithm.md, "Inner loop: MAML and FO-MAML"), written
+for torch.func.
 
 `adapt` takes any per-task loss(params, x, y); the meta-gradient of a query loss evaluated at
 the adapted parameters is second order through the steps unless first_order is set, which
@@ -6,7 +7,7 @@ treats each inner gradient as a constant (FO-MAML).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import grad

@@ -1,4 +1,5 @@
-"""O-AMFS (docs/algorithm.md): weight each task's meta-gradient by how much it agrees with the others.
+"""O-AMFS (docs/algorithm.md, "Outer loop: O-AMFS weights"): weight each task's meta-gradient
+by how much it agrees with the others.
 
 Works on any [T, D] matrix of task vectors: the full gradients (exact exchange) or random
 projections of them (sketch exchange), which preserve cosines approximately.
@@ -104,7 +105,12 @@ def task_weights(vectors: torch.Tensor | None, weighting: str = "cosine", normal
     """The O-AMFS weights of T task vectors, or of their Gram matrix `gram` (then `vectors` is
     None); weighting='mean' gives plain averaging."""
     with torch.no_grad():
-        a = agreement(vectors) if gram is None else agreement_from_gram(gram)
+        if gram is not None:
+            a = agreement_from_gram(gram)
+        elif vectors is not None:
+            a = agreement(vectors)
+        else:
+            raise ValueError("task_weights: needs the task vectors or their Gram matrix")
         if weighting == "mean":
             w = torch.full_like(a, 1.0 / a.numel())
         elif weighting == "cosine":

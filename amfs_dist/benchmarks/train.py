@@ -1,16 +1,17 @@
-"""`amfs bench train`: meta-training tasks/s of amfs, iamfs, maml, fomaml, protonet and r2d2 on
-the same settings, beside a plain forward + backward of the same images (compute_over_plain:
-how far the per-task meta-gradient pass is from that floor)."""
+"""`amfs bench train`: meta-training tasks/s of every method on the same settings, beside a
+plain forward + backward of the same images (compute_over_plain: how far the per-task
+meta-gradient pass is from that floor)."""
 from __future__ import annotations
 
 import tempfile
 import time
 
+from amfs_dist.algorithms.heads import PRESETS
 from amfs_dist.benchmarks.common import add_config_arguments, emit, machine
 from amfs_dist.config import Config, load_config
 from amfs_dist.evaluate import resolve_device
 
-METHODS = ("amfs", "iamfs", "maml", "fomaml", "protonet", "r2d2")
+METHODS = tuple(PRESETS)  # every method
 
 
 def tasks_per_second(cfg: Config, steps: int, warmup: int = 1) -> dict:

@@ -1,0 +1,67 @@
+"""The head registry: `inner` name -> head class, and the method presets that use each head.
+
+A head is what turns encoder features into a task's predictions (heads/base.py). This module
+is plain data, so that reading a config does not import torch: a head's class is imported on
+first use. Adding a method (MetaOptNet's svm.py is the example):
+
+1. a head file here: a FeatureHead (predictions from support and query features) or a Head
+   (anything else: adapt_predict is given the encoder, as MAML's);
+2. one HeadEntry below, with the method presets that use it (`amfs bench train` runs every
+   preset);
+3. its own config keys, if any, in config.py's SCHEMA (svm.c, svm.steps);
+4. a section in docs/algorithm.md, rows in README's methods and keys tables;
+5. tests: a float64 reference and a gradcheck of its solve, and its name in
+   tests/test_methods_learn.py; the method in experiments/compare.yaml.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from amfs_dist.algorithms.heads.base import Head
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    inner: str                 # the `inner` config value that selects this head
+    path: str                  # "module:Class" of the head
+    # method name -> the config values it sets; null keys then read as these
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    classification_only: bool = False  # refused with data.source=sinusoid (regression)
+
+
+ENTRIES = (
+    HeadEntry("kernel", "amfs_dist.algorithms.heads.kernel:KernelHead", {
+        "amfs": {"outer.weighting": "cosine"},
+        "iamfs": {"outer.weighting": "mean"},
+        # Bertinetto et al. 2019: ridge regression on the raw features, learned lambda and scale
+        "r2d2": {"outer.weighting": "mean", "kernel.type": "linear", "kernel.normalize": False,
+                 "kernel.mu": 0.0, "kernel.gamma": 0.0, "kernel.learn_lam": True},
+    }),
+    HeadEntry("maml", "amfs_dist.algorithms.heads.maml:MAMLHead", {
+        "oamfs": {"outer.weighting": "cosine"},
+        "maml": {"outer.weighting": "mean"},
+    }),
+    HeadEntry("fomaml", "amfs_dist.algorithms.heads.maml:FirstOrderMAMLHead", {
+        "fomaml": {"outer.weighting": "mean"},
+    }),
+    HeadEntry("protonet", "amfs_dist.algorithms.heads.protonet:ProtoNetHead", {
+        "protonet": {"outer.weighting": "mean"},
+    }, classification_only=True),
+    HeadEntry("svm", "amfs_dist.algorithms.heads.svm:SVMHead", {
+        "metaoptnet": {"outer.weighting": "mean"},
+    }, classification_only=True),
+)
+
+HEADS = {entry.inner: entry for entry in ENTRIES}
+INNER_LOOPS = tuple(HEADS)
+# method -> inner loop, outer weighting and any method defaults it changes
+PRESETS = {method: {"inner": entry.inner, **values}
+           for entry in ENTRIES for method, values in entry.presets.items()}
+
+
+def head_class(inner: str) -> type[Head]:
+    module, name = HEADS[inner].path.split(":")
+    return getattr(importlib.import_module(module), name)
