@@ -232,9 +232,11 @@ def check_value(name: str, spec: Key, value: Any) -> Any:
     return value
 
 
-def printable(key: Any) -> str:
-    key = str(key)
-    return key if key.isprintable() else repr(key)
+def printable(key: Any, most: int = 80) -> str:
+    """A user's key or name as an error shows it: escaped if it holds control characters, cut
+    to `most` characters."""
+    text = str(key) if str(key).isprintable() else repr(str(key))
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def check_mapping(schema: dict[str, Key], given: dict[str, Any], prefix: str = "",

@@ -117,6 +117,11 @@ BAD_SPACES = [
     ("sweep.num_smaples=4", "sweep.num_smaples", "unknown sweep setting"),
     ("sweep.grace_period=9", "sweep.grace_period", "validations"),
     ("kernel.lamda=0.5", "kernel.lamda", "unknown config key"),
+    ("sweep.trial_gpus=-0.5", "sweep.trial_gpus", "must be >= 0"),
+    ("sweep.trial_cpus=.nan", "sweep.trial_cpus", "finite"),
+    ("sweep.trial_gpus=1e6", "sweep.trial_gpus", "<= 64"),
+    ("sweep.name=../../elsewhere", "sweep.name", "letters, digits"),
+    ("dist.gpus_per_worker=-0.5", "dist.gpus_per_worker", "must be >= 0"),
 ]
 
 
@@ -141,7 +146,7 @@ def test_bad_sweep_file_errors_name_the_key(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text("base: {}\nsearch: {kernel.lam: {loguniform: [0.1, 1]}}\n"
                                      "kernel.mu: 0.1\n")
     assert amfs(["tune", "--config", str(tmp_path / "t.yaml")]) == 2
-    assert "unknown section 'kernel.mu'" in capsys.readouterr().err
+    assert "kernel.mu: unknown section" in capsys.readouterr().err
     assert amfs(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
 

@@ -23,11 +23,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amfs_dist.config import SCHEMA, ConfigError, flatten, parse_override, read_yaml_mapping, resolve
+from amfs_dist.config import (
+    MAX_CPUS,
+    MAX_GPUS,
+    PATH_LABEL_RULE,
+    SCHEMA,
+    ConfigError,
+    Key,
+    check_mapping,
+    flatten,
+    flatten_as,
+    parse_override,
+    path_label,
+    printable,
+    read_yaml_mapping,
+    resolve,
+    resource_key,
+)
 
 EXPERIMENTS = ("compare", "steps", "cross-domain", "first-order", "stability", "ablation")
-SPEC_KEYS = ("description", "base", "grid", "variants", "seeds", "resources", "test_steps",
-             "cross_domain")
+# the keys of an experiment file (see the module doc); base, grid, variants and cross_domain
+# hold config keys, checked against the config schema
+SPEC_SCHEMA: dict[str, Key] = {
+    "description": Key((str,), "", nullable=True),
+    "base": Key((dict,), {}, nullable=True),
+    "grid": Key((dict,), {}, nullable=True),
+    "variants": Key((dict,), {}, nullable=True),
+    "seeds": Key((int,), 3, lambda v: v >= 1, ">= 1"),
+    "resources.cpus": resource_key(1.0, MAX_CPUS, positive=True),
+    "resources.gpus": resource_key(0.0, MAX_GPUS),
+    "test_steps": Key((list,), [], lambda v: all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v),
+        "a list of integers >= 0", nullable=True),
+    "cross_domain": Key((dict,), {}, nullable=True),
+}
 
 
 @dataclass(frozen=True)
@@ -131,22 +160,29 @@ def load_experiment(name: str, path: str | Path | None = None,
     return _parse(name, tree, str(path), overrides or [], seeds)
 
 
-def _mapping(tree: dict, key: str, where: str) -> dict:
-    value = tree.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
-    return value
-
-
 def _parse(name: str, tree: dict, where: str, overrides: list[str],
            seeds: int | None) -> ExperimentSpec:
-    unknown = set(tree) - set(SPEC_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(SPEC_KEYS)})")
-    base = flatten(_mapping(tree, "base", where))
-    grid = _mapping(tree, "grid", where)
-    variants = {str(k): flatten(v or {}) for k, v in _mapping(tree, "variants", where).items()}
-    cross = {str(k): flatten(v or {}) for k, v in _mapping(tree, "cross_domain", where).items()}
+    given = flatten_as(tree, SPEC_SCHEMA)
+    if seeds is not None:
+        given["seeds"] = seeds
+    try:
+        spec = check_mapping(SPEC_SCHEMA, given, what="key (keys: " + ", ".join(
+            sorted({k.split(".")[0] for k in SPEC_SCHEMA})) + ")")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    base = flatten(spec["base"] or {})
+    grid = dict(spec["grid"] or {})
+    variants, cross = {}, {}
+    for section, into in (("variants", variants), ("cross_domain", cross)):
+        for label, changes in (spec[section] or {}).items():
+            label = str(label)
+            if section == "variants" and not path_label(label):  # it names the cells' folders
+                raise ConfigError(f"{where}: variants.{printable(label)}: must be "
+                                  f"{PATH_LABEL_RULE}")
+            if not isinstance(changes, dict | None):
+                raise ConfigError(f"{where}: {section}.{label}: expected a mapping of config "
+                                  f"keys, got {changes!r}")
+            into[label] = flatten(changes or {})
     for key in list(base) + list(grid) + [k for v in (*variants.values(), *cross.values()) for k in v]:
         if key not in SCHEMA:
             raise ConfigError(f"{where}: {key}: unknown config key")
@@ -160,22 +196,10 @@ def _parse(name: str, tree: dict, where: str, overrides: list[str],
         base[key] = value
         for changes in variants.values():
             changes.pop(key, None)
-    seeds = tree.get("seeds", 3) if seeds is None else seeds
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"{where}: seeds: expected an integer >= 1, got {seeds!r}")
-    res = _mapping(tree, "resources", where)
-    if set(res) - {"cpus", "gpus"}:
-        raise ConfigError(f"{where}: resources: only cpus and gpus, got {sorted(res)}")
-    cpus, gpus = res.get("cpus", 1), res.get("gpus", 0)
-    for key, v, low in (("cpus", cpus, 0), ("gpus", gpus, -1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
-            raise ConfigError(f"{where}: resources.{key}: expected a number "
-                              f"{'> 0' if low == 0 else '>= 0'}, got {v!r}")
-    steps = tree.get("test_steps") or []
-    if not isinstance(steps, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                          for s in steps):
-        raise ConfigError(f"{where}: test_steps: expected a list of integers >= 0, got {steps!r}")
-    spec = ExperimentSpec(name, base, grid, variants, seeds, float(cpus), float(gpus),
-                          list(steps), cross, str(tree.get("description") or ""), where)
-    spec.cells()  # every cell's config is valid before anything starts
-    return spec
+    experiment = ExperimentSpec(name, base, grid, variants, spec["seeds"],
+                                spec["resources.cpus"], spec["resources.gpus"],
+                                list(spec["test_steps"] or []), cross,
+                                spec["description"] or "", where)
+    experiment.cells()  # every cell's config is valid before anything starts
+    return experiment
+
