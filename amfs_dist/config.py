@@ -413,6 +413,27 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
     return cfg
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_files(folder: str) -> dict[str, Path]:
+    """The YAML files shipped with the package in amfs_dist/FOLDER/, by name (no suffix)."""
+    return {p.stem: p for p in sorted((PACKAGE_DIR / folder).glob("*.yaml"))}
+
+
+def find_file(given: str | Path, folder: str, what: str) -> Path:
+    """The file a user names: a path, else a file shipped in amfs_dist/FOLDER/ named NAME,
+    NAME.yaml or FOLDER/NAME.yaml (as a checkout's command lines write it)."""
+    path = Path(given)
+    if path.exists():
+        return path
+    shipped = shipped_files(folder)
+    if path.parent in (Path("."), Path(folder)) and path.name.removesuffix(".yaml") in shipped:
+        return shipped[path.name.removesuffix(".yaml")]
+    raise ConfigError(f"{what} {printable(given)}: not found (a path, or one of the shipped "
+                      f"files: {', '.join(shipped)})")
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     """A YAML file that must hold a mapping; errors name the file."""
     path = Path(path)

@@ -10,14 +10,15 @@ import pytest
 
 from amfs_dist.cli import main
 from test_job_submit import head_node  # noqa: F401  (fixture: a `ray start --head` of its own)
-from amfs_dist.config import ConfigError
+from amfs_dist.config import PACKAGE_DIR, ConfigError
 from amfs_dist.errors import UserError
 from amfs_dist.experiment.report import t_ci95
 from amfs_dist.experiment.run import MANIFEST, prepare_dir, run_cell
 from amfs_dist.experiment.spec import EXPERIMENTS, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
+SHIPPED = PACKAGE_DIR / "experiments"  # the experiment files shipped with the package
+SMOKE = SHIPPED / "smoke.yaml"
 
 
 def write(path: Path, text: str) -> Path:
@@ -118,7 +119,7 @@ def test_every_shipped_experiment_file_loads():
         assert load_experiment(name).cells()
         assert load_experiment(name, SMOKE).cells()
     for preset in ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs"):
-        path = ROOT / "experiments" / f"{preset}.yaml"
+        path = SHIPPED / f"{preset}.yaml"
         for name in EXPERIMENTS:
             assert load_experiment(name, path).cells()
 
@@ -222,7 +223,7 @@ def test_ray_job_submit_runs_an_experiment_with_workers_inside_cells(head_node, 
     amfs = shutil.which("amfs", path=env["PATH"])
     entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           *entry, "experiment", "steps", "--config", "experiments/smoke.yaml", "--out", str(out),
+           *entry, "experiment", "steps", "--config", "smoke", "--out", str(out),
            "--quiet", "train.steps=2", "dist.workers=1", "dist.cpus_per_worker=0.5"]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -16,10 +16,11 @@ from conftest import PickleThatWritesAFile
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.config import dump_yaml, load_config
-from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
+from amfs_dist.config import PACKAGE_DIR
+from amfs_dist.tune.space import load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
-TUNING = REPO / "tuning"
+TUNING = PACKAGE_DIR / "tuning"  # the sweep files shipped with the package
 
 # Tiny trials: 3-way 1-shot glyphs at 16 px, a width-8 Conv-4, 8 steps, a validation every 2.
 TEST_BASE = {
@@ -71,7 +72,8 @@ def test_ready_sweeps_parse_and_tiny_cpu_is_the_default():
         assert len(bundles) == 1 + d.workers
         assert all(b.get("GPU") == d.gpus_per_worker for b in bundles[1:])
         assert Path(spec.base.data.source).is_absolute()
-    assert DEFAULT_SWEEP["sweep"]["name"] == "tiny-cpu"
+    assert load_sweep(None).settings.name == "tiny-cpu"
+    assert load_sweep("tiny-cpu").to_yaml_dict() == tiny.to_yaml_dict()  # a shipped name
 
 
 def test_overrides_route_to_settings_search_and_base():

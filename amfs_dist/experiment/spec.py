@@ -31,6 +31,7 @@ from amfs_dist.config import (
     ConfigError,
     Key,
     check_mapping,
+    find_file,
     flatten,
     flatten_as,
     parse_override,
@@ -39,6 +40,7 @@ from amfs_dist.config import (
     read_yaml_mapping,
     resolve,
     resource_key,
+    shipped_files,
 )
 
 EXPERIMENTS = ("compare", "steps", "cross-domain", "first-order", "stability", "ablation")
@@ -128,23 +130,12 @@ def _value_label(key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+]", "_", text)
 
 
-def default_file(name: str) -> Path:
-    """experiments/NAME.yaml: in the current directory (a checkout, a `ray job submit`
-    working_dir), else beside the package (an editable install of a checkout)."""
-    here = Path("experiments") / f"{name}.yaml"
-    if here.is_file():
-        return here
-    return Path(__file__).resolve().parents[2] / "experiments" / f"{name}.yaml"
-
-
 def load_experiment(name: str, path: str | Path | None = None,
                     overrides: list[str] | None = None, seeds: int | None = None) -> ExperimentSpec:
     if name not in EXPERIMENTS:
         raise ConfigError(f"experiment {name!r}: must be one of {', '.join(EXPERIMENTS)}")
-    path = Path(path) if path else default_file(name)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path}: not found (pass --config FILE; the files ship "
-                          f"in the repository's experiments/ folder)")
+    path = (find_file(path, "experiments", "experiment file") if path
+            else shipped_files("experiments")[name])
     tree = read_yaml_mapping(path, "experiment file")
     if "experiments" in tree:
         sections = tree.pop("experiments")

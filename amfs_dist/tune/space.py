@@ -23,7 +23,6 @@ Everything is validated here, before Ray starts: errors are one line naming the 
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from amfs_dist.config import (
     Values,
     check_mapping,
     dump_yaml,
+    find_file,
     flatten,
     flatten_as,
     parse_override,
@@ -47,6 +47,7 @@ from amfs_dist.config import (
     read_yaml_mapping,
     resolve,
     resource_key,
+    shipped_files,
 )
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
@@ -186,26 +187,8 @@ def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
     return [driver] + [dict(worker) for _ in range(dist.workers)]
 
 
-# The embedded sweep (`amfs tune` with no --config); tuning/tiny-cpu.yaml holds the same.
-DEFAULT_SWEEP: dict = {
-    "base": {
-        "method": "amfs", "data.source": "synthetic", "data.ways": 5, "data.shots": 1,
-        "data.queries": 5, "model.width": 16, "train.meta_batch": 4, "train.steps": 40,
-        "train.val_every": 10, "train.val_episodes": 10, "train.checkpoint_every": 10,
-        "eval.episodes": 100, "eval.queries": 5, "train.device": "cpu",
-    },
-    "search": {
-        "kernel.bandwidth": {"loguniform": [0.05, 5.0]},
-        "kernel.lam": {"loguniform": [0.001, 1.0]},
-        "kernel.mu": {"uniform": [0.0, 0.2]},
-        "kernel.gamma": {"uniform": [0.0, 0.1]},
-    },
-    "sweep": {
-        "name": "tiny-cpu", "num_samples": 6, "max_concurrent_trials": 2, "seed": 0,
-        "metric": "val_accuracy", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-        "startup_trials": 4, "trial_cpus": 1, "trial_gpus": 0, "test_episodes": 100,
-    },
-}
+# the sweep `amfs tune` runs without --config: amfs_dist/tuning/tiny-cpu.yaml
+DEFAULT_SWEEP = "tiny-cpu"
 
 
 def _yaml_value(v):
@@ -288,12 +271,12 @@ def _resolve_source(flat: dict[str, Any], check_paths: bool) -> None:
 
 def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None,
                check_paths: bool = True) -> SweepSpec:
-    """Sweep file (or the embedded default) <- overrides, validated; see the module doc."""
-    if path is None:
-        tree, where = copy.deepcopy(DEFAULT_SWEEP), "<default sweep>"
-    else:
-        where = str(path)
-        tree = read_yaml_mapping(path, "sweep file")
+    """Sweep file <- overrides, validated; see the module doc. `path` may name a shipped
+    sweep (amfs_dist/tuning/NAME.yaml); None is DEFAULT_SWEEP."""
+    found = (shipped_files("tuning")[DEFAULT_SWEEP] if path is None
+             else find_file(path, "tuning", "sweep file"))
+    where = str(found)
+    tree = read_yaml_mapping(found, "sweep file")
     try:
         sections = check_mapping(SECTIONS, tree, what="section (base, search or sweep; config "
                                                       "keys go under base:)")
