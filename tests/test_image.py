@@ -72,10 +72,13 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
     for path in [".venv/bin/python", "runs/amfs-1/checkpoint.pt", "sweeps/s1/trial/result.json",
                  "amfs_dist/__pycache__/train.cpython-311.pyc", "tests/__pycache__/x.pyc",
                  ".pytest_cache/v/cache", ".git/HEAD", "amfs_dist.egg-info/PKG-INFO",
-                 "stores/omniglot/meta.json", "build/lib/amfs_dist/cli.py"]:
+                 "stores/omniglot/meta.json", "build/lib/amfs_dist/cli.py",
+                 "experiments-out/compare-20260101-000000/cells/a/model.pt",
+                 "results/compare/results.md", ".env", "cluster/k8s/.env"]:
         assert ignored(path, patterns), path
     for path in ["pyproject.toml", "README.md", "amfs_dist/train.py",
-                 "amfs_dist/data/splits/cub.txt"]:
+                 "amfs_dist/data/splits/cub.txt", "amfs_dist/experiments/compare.yaml",
+                 "amfs_dist/tuning/tiny-cpu.yaml"]:
         assert not ignored(path, patterns), path
 
 
