@@ -2,7 +2,8 @@
 files."""
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amfs_dist.cli import main
 from amfs_dist.config import SCHEMA, ConfigError, load_config

@@ -101,3 +101,21 @@ def test_one_image_name_in_every_manifest_and_in_the_build_commands():
     for doc in ("Dockerfile", "cluster/README.md"):
         text = (REPO / doc).read_text()
         assert f"docker build -t {IMAGE} ." in text and f"docker push {IMAGE}" in text, doc
+
+
+def test_cluster_readme_ray_start_recipe_has_ports_of_its_own_and_token_auth():
+    """The `ray start --head` recipe: Ray's fixed default ports clash with any other Ray on the
+    machine (the dashboard agent's 52365 breaks `ray job submit`), and a head started by hand
+    listens on every interface, so the recipe's default is token authentication."""
+    text = (REPO / "cluster" / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    (recipe,) = [b for b in blocks if "ray start --head" in b and "ray job submit" in b]
+    code = re.sub(r"\\\n", " ", "\n".join(line.split("#")[0] for line in recipe.splitlines()))
+    (head,) = [line for line in code.splitlines() if "ray start --head" in line]
+    for flag in ("--port=", "--ray-client-server-port=", "--dashboard-port=",
+                 "--dashboard-agent-listen-port="):
+        assert flag in head, flag
+    assert re.search(r"^export RAY_AUTH_MODE=token\b", code, re.M)
+    assert "RAY_AUTH_TOKEN=" in code and "RAY_AUTH_MODE=disabled" not in code
+    (submit,) = [line for line in code.splitlines() if "ray job submit" in line]
+    assert "$DASHBOARD_PORT" in submit
