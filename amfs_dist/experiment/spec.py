@@ -126,8 +126,10 @@ def _labels(keys: list[str]) -> dict[str, str]:
 
 
 def _value_label(key: str, value: Any) -> str:
+    """A grid value as part of a folder name: safe characters only, and short (a folder name
+    has at most 255 bytes; values cut to the same label are caught as a name clash)."""
     text = Path(str(value)).name if key == "data.source" else str(value)
-    return re.sub(r"[^A-Za-z0-9._+]", "_", text)
+    return re.sub(r"[^A-Za-z0-9._+]", "_", text)[:40]
 
 
 def load_experiment(name: str, path: str | Path | None = None,
