@@ -84,7 +84,7 @@ def test_multi_experiment_file_merges_base_per_section(tmp_path):
     ("variants: {../up: {}}", "variants.../up: must be a name of letters"),
     ("variants: {/abs/x: {}}", "variants./abs/x: must be a name of letters"),
     ("variants: {full: 3}", "variants.full: expected a mapping"),
-    ("grid: {data.source: [/a/%s1, /b/%s2]}" % ("x" * 300, "x" * 300), "two cells share a name"),
+    (f"grid: {{data.source: [/a/{'x' * 300}1, /b/{'x' * 300}2]}}", "two cells share a name"),
 ])
 def test_bad_experiment_files_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -15,8 +15,7 @@ import pytest
 from conftest import PickleThatWritesAFile
 
 from amfs_dist.cli import main as amfs
-from amfs_dist.config import dump_yaml, load_config
-from amfs_dist.config import PACKAGE_DIR
+from amfs_dist.config import PACKAGE_DIR, dump_yaml, load_config
 from amfs_dist.tune.space import load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
