@@ -115,6 +115,12 @@ def test_experiment_file_that_would_escape_out_or_ask_bad_resources_is_refused(
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_bad_seeds_flag_is_named_as_the_flag(tmp_path, capsys):
+    assert main(["experiment", "compare", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "amfs: error: --seeds: must be >= 1, got 0\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_every_shipped_experiment_file_loads():
     for name in EXPERIMENTS:
         assert load_experiment(name).cells()

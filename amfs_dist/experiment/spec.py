@@ -31,6 +31,7 @@ from amfs_dist.config import (
     ConfigError,
     Key,
     check_mapping,
+    check_value,
     find_file,
     flatten,
     flatten_as,
@@ -156,8 +157,8 @@ def load_experiment(name: str, path: str | Path | None = None,
 def _parse(name: str, tree: dict, where: str, overrides: list[str],
            seeds: int | None) -> ExperimentSpec:
     given = flatten_as(tree, SPEC_SCHEMA)
-    if seeds is not None:
-        given["seeds"] = seeds
+    if seeds is not None:  # --seeds: its error names the flag, not the file
+        given["seeds"] = check_value("--seeds", SPEC_SCHEMA["seeds"], seeds)
     try:
         spec = check_mapping(SPEC_SCHEMA, given, what="key (keys: " + ", ".join(
             sorted({k.split(".")[0] for k in SPEC_SCHEMA})) + ")")
@@ -173,7 +174,7 @@ def _parse(name: str, tree: dict, where: str, overrides: list[str],
                 raise ConfigError(f"{where}: variants.{printable(label)}: must be "
                                   f"{PATH_LABEL_RULE}")
             if not isinstance(changes, dict | None):
-                raise ConfigError(f"{where}: {section}.{label}: expected a mapping of config "
+                raise ConfigError(f"{where}: {section}.{printable(label)}: expected a mapping of config "
                                   f"keys, got {changes!r}")
             into[label] = flatten(changes or {})
     for key in list(base) + list(grid) + [k for v in (*variants.values(), *cross.values()) for k in v]:
