@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ class Cell:
 
 @dataclass
 class ExperimentSpec:
+    """A checked experiment file (its defaults are SPEC_SCHEMA's)."""
+
     name: str
     base: dict[str, Any]
     grid: dict[str, list]
@@ -78,10 +80,10 @@ class ExperimentSpec:
     seeds: int
     cpus: float
     gpus: float
-    test_steps: list[int] = field(default_factory=list)
-    cross_domain: dict[str, dict[str, Any]] = field(default_factory=dict)
-    description: str = ""
-    source: str = "<default>"
+    test_steps: list[int]
+    cross_domain: dict[str, dict[str, Any]]
+    description: str
+    source: str  # the file it was read from
 
     def cells(self) -> list[Cell]:
         """Every cell, validated as a config (errors name the cell's settings)."""

@@ -140,7 +140,7 @@ class SweepSpec:
     base: Config
     search: dict[str, Dist]
     settings: SweepSettings
-    source: str = "<default>"
+    source: str  # the file it was read from
 
     @property
     def metric(self) -> str:
