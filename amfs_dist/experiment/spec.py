@@ -3,17 +3,20 @@
     description: what the experiment shows (free text)
     base:        config keys, nested or dotted, over the defaults (as in `amfs train --config`)
     grid:        {config key: [values]}: every combination is a cell
-    variants:    {name: {config key: value}}: named settings, crossed with the grid (ablation)
+    variants:    {name: {config key: value}}: named settings, crossed with the grid (ablation);
+                 a name is a folder name (config.path_label), never a path
     seeds:       N: each cell runs with seed = base seed + 0..N-1
     resources:   {cpus, gpus}: each cell's driver; dist.workers add one bundle each
-                 (dist.cpus_per_worker / dist.gpus_per_worker), all in one placement group
+                 (dist.cpus_per_worker / dist.gpus_per_worker), all in one placement group;
+                 bounded as those are (config.resource_key)
     test_steps:  [k, ...]: also evaluate MAML-type cells with maml.test_steps=k (0: no step)
     cross_domain: {name: {config key: value}}: also evaluate every cell with these overrides
                  (e.g. another data.source), as `amfs eval RUN key=value` does
 
-A file holding `experiments: {NAME: {...}, ...}` carries several experiments; its other
-top-level keys are defaults for each (base keys merge key by key). key=value overrides set a
-base key; one that the grid varies is fixed instead, leaving the grid.
+SPEC_SCHEMA holds each key's type, default and rule. A file holding
+`experiments: {NAME: {...}, ...}` carries several experiments; its other top-level keys are
+defaults for each (base keys merge key by key). key=value overrides set a base key; one that
+the grid varies is fixed instead, leaving the grid.
 """
 from __future__ import annotations
 
