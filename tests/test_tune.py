@@ -123,6 +123,8 @@ BAD_SPACES = [
     ("sweep.trial_gpus=1e6", "sweep.trial_gpus", "<= 64"),
     ("sweep.name=../../elsewhere", "sweep.name", "letters, digits"),
     ("dist.gpus_per_worker=-0.5", "dist.gpus_per_worker", "must be >= 0"),
+    ("data.source=" + "x" * 5000, "data.source", "not a usable path (File name too long)"),
+    ('data.source="a\\0b"', "data.source", "no prepared store at 'a\\x00b'"),
 ]
 
 

@@ -44,6 +44,7 @@ from amfs_dist.config import (
     flatten_as,
     parse_override,
     path_label,
+    printable,
     read_yaml_mapping,
     resolve,
     resource_key,
@@ -263,10 +264,15 @@ def _resolve_source(flat: dict[str, Any], check_paths: bool) -> None:
     if not isinstance(src, str) or src in BUILTIN_SOURCES:
         return
     path = Path(src).expanduser()
-    if check_paths and not path.exists():
-        raise ConfigError(f"data.source: no prepared store at {src} (run `amfs data prepare` "
-                          f"first, or pass data.source=PATH)")
-    flat["data.source"] = str(path.resolve()) if path.exists() else str(path.absolute())
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name over the filesystem's 255 bytes
+        raise ConfigError(f"data.source: {printable(src)} is not a usable path "
+                          f"({e.strerror})") from None
+    if check_paths and not exists:
+        raise ConfigError(f"data.source: no prepared store at {printable(src)} (run `amfs data "
+                          f"prepare` first, or pass data.source=PATH)")
+    flat["data.source"] = str(path.resolve()) if exists else str(path.absolute())
 
 
 def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None,
