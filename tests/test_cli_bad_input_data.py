@@ -104,6 +104,15 @@ def cub_naming(tmp: Path, rel_path: str) -> Path:
     return root
 
 
+def cub_box(tmp: Path, box: str) -> Path:
+    """A CUB --src whose bounding_boxes.txt gives image 1 the box `box`."""
+    root = cub_tree(tmp / "CUB", per_class=1)
+    lines = (root / "bounding_boxes.txt").read_text().splitlines()
+    lines[0] = f"1 {box}"
+    (root / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def lake_with_symlinked_glyph(tmp: Path) -> Path:
     root = src(tmp)
     glyph = root / "images_background" / "Beta" / "character01" / "00.png"
@@ -176,6 +185,10 @@ CASES = [
          lambda t: (secret(t), ["data", "prepare", "cub", "--out", str(t / "out"), "--src",
                                 str(cub_naming(t, "../../secret/photo.jpg"))])[1],
          ("{tmp}/CUB/images.txt, line 1", "outside --src")),
+    Case("cub-bounding-box-of-nan",
+         lambda t: ["data", "prepare", "cub", "--bbox-crop", "--out", str(t / "out"), "--src",
+                    str(cub_box(t, "nan 0 10 16"))],
+         ("{tmp}/CUB/bounding_boxes.txt", "bad box for image id 1")),
     Case("omniglot-glyph-symlinked-outside-src",
          lambda t: prepare("--src", lake_with_symlinked_glyph(t), "--out", t / "out"),
          ("Beta/character01/00.png", "outside --src", "{tmp}/secret/glyph.png")),

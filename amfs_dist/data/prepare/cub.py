@@ -94,8 +94,11 @@ def load(src: Path, opts: PrepareOptions) -> tuple[ImageSet, str]:
             try:
                 box = tuple(float(v) for v in boxes[image_id])
             except ValueError:
+                box = (math.nan,)
+            if not all(math.isfinite(v) for v in box):  # 'nan' and 'inf' read as floats
                 raise PrepareError(f"{src / 'bounding_boxes.txt'}: bad box for image id "
-                                   f"{image_id}: {boxes[image_id]}") from None
+                                   f"{image_id}: {boxes[image_id]} (expected 4 finite "
+                                   f"numbers)")
         image = inside_src(src, images_dir / rel_path,
                            f"{src / 'images.txt'}, line {path_lines[image_id]}")
         members.setdefault(class_of_id[class_id], []).append((image, box))
