@@ -203,33 +203,39 @@ def check_value(name: str, spec: Key, value: Any) -> Any:
         raise ConfigError(f"{name}: null is not allowed")
     if bool in spec.types:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {shown(value)}")
     elif float in spec.types:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {shown(value)}")
         try:
             value = float(value)
         except OverflowError:
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}") from None
+            raise ConfigError(f"{name}: expected a finite number, got {shown(value)}") from None
         if not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{name}: expected a finite number, got {shown(value)}")
     elif int in spec.types:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer, got {shown(value)}")
     elif str in spec.types:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {shown(value)}")
     elif list in spec.types:
         if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {shown(value)}")
     elif dict in spec.types:
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping, got {shown(value)}")
     if spec.check is not None and not spec.check(value):
-        raise ConfigError(f"{name}: must be {spec.rule}, got {value!r}")
+        raise ConfigError(f"{name}: must be {spec.rule}, got {shown(value)}")
     return value
+
+
+def shown(value: Any, most: int = 80) -> str:
+    """A value as an error shows it: its repr, cut to `most` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def printable(key: Any, most: int = 80) -> str:

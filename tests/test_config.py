@@ -73,6 +73,13 @@ def test_bad_values_name_key_and_value(override, key, value, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_long_bad_value_is_cut_in_the_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "data.ways=" + "y" * 100_000]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amfs: error: data.ways: expected an integer, got 'yyy")
+    assert len(err) < 200 and err.rstrip().endswith("...")
+
+
 def test_bad_config_file_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kernel: [1, 2\n")
