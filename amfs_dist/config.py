@@ -390,7 +390,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = load_yaml(raw) if raw.strip() else None
     except AliasError as e:
-        raise ConfigError(f"{key}: {e.problem}") from None
+        raise ConfigError(f"{printable(key)}: {e.problem}") from None
     except yaml.YAMLError:  # e.g. "a: b" or "[1": taken as the text itself
         value = raw
     return key, value
