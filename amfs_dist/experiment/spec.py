@@ -45,6 +45,7 @@ from amfs_dist.config import (
     resolve,
     resource_key,
     shipped_files,
+    shown,
 )
 
 EXPERIMENTS = ("compare", "steps", "cross-domain", "first-order", "stability", "ablation")
@@ -184,13 +185,14 @@ def _parse(name: str, tree: dict, where: str, overrides: list[str],
             into[label] = flatten(changes or {})
     for key in list(base) + list(grid) + [k for v in (*variants.values(), *cross.values()) for k in v]:
         if key not in SCHEMA:
-            raise ConfigError(f"{where}: {key}: unknown config key")
+            raise ConfigError(f"{where}: {printable(key)}: unknown config key")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: grid.{key}: expected a non-empty list, got {values!r}")
+            raise ConfigError(f"{where}: grid.{printable(key)}: expected a non-empty list, "
+                              f"got {shown(values)}")
     for key, value in (parse_override(o) for o in overrides):
         if key not in SCHEMA:
-            raise ConfigError(f"{key}: unknown config key")
+            raise ConfigError(f"{printable(key)}: unknown config key")
         grid.pop(key, None)  # a value given on the command line fixes a grid dimension
         base[key] = value
         for changes in variants.values():

@@ -202,7 +202,7 @@ def _is_number(v) -> bool:
 
 def parse_dist(key: str, spec: Any, base: dict[str, Any]) -> Dist:
     """One search entry -> Dist, validated against the config schema (names search.KEY)."""
-    name = f"search.{key}"
+    name = f"search.{printable(key)}"
     if key not in SCHEMA:
         raise ConfigError(f"{name}: unknown config key")
     if key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS:
