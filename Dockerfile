@@ -17,8 +17,12 @@ RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
 RUN mkdir -p /home/ray/amfs-dist
 COPY --chown=ray:users pyproject.toml README.md /home/ray/amfs-dist/
 COPY --chown=ray:users amfs_dist /home/ray/amfs-dist/amfs_dist
-# a regular install (not editable) into the image's Python; the sources are not needed after it
+# a regular install (not editable) into the image's Python; the sources are not needed after it.
+# The package carries the experiment and sweep files (amfs_dist/experiments, amfs_dist/tuning):
+# `amfs experiment compare` and `amfs tune --config tiny-cpu` work from any folder of the image.
 RUN pip install --no-cache-dir /home/ray/amfs-dist \
     && rm -rf /home/ray/amfs-dist \
-    && amfs --help > /dev/null
+    && amfs --help > /dev/null \
+    && cd / && python -c "from amfs_dist.experiment.spec import load_experiment; \
+from amfs_dist.tune.space import load_sweep; load_experiment('compare'); load_sweep('tiny-cpu')"
 WORKDIR /home/ray

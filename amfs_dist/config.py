@@ -1,15 +1,18 @@
 """The run configuration: one schema, YAML files and dotted key=value overrides, strict validation.
 
 Every key lives in SCHEMA with its type, default and rule; errors name the key and the value.
+Key, check_value and check_mapping are the schema mechanism of every file amfs reads: run
+configs here, sweep files (tune/space.py) and experiment files (experiment/spec.py).
 """
 from __future__ import annotations
 
 import copy
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import yaml
 
@@ -23,6 +26,10 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Key:
+    """One key of a schema: its type (bool, int, float, str, list or dict), its default (the
+    only place the default is stated), a check with the rule it enforces, and whether null is
+    allowed."""
+
     types: tuple[type, ...]
     default: Any
     check: Callable[[Any], bool] | None = None
@@ -34,6 +41,32 @@ def _positive(v): return v > 0
 def _non_negative(v): return v >= 0
 def _at_least_one(v): return v >= 1
 def _one_of(*options): return lambda v: v in options
+
+
+# Ray places each bundle (a driver, a worker) on one node: more than this per bundle is a typo
+# (1e6 for 1), and Ray itself refuses fractional quantities above 1.
+MAX_CPUS = 1024
+MAX_GPUS = 64
+# a placement group holds one bundle per worker; more workers than this is a typo, not a cluster
+MAX_WORKERS = 4096
+
+
+def resource_key(default: float, most: int, positive: bool = False) -> Key:
+    """A CPU or GPU amount for one bundle: finite, >= 0 (> 0 if positive), at most `most`,
+    and a whole number above 1, as Ray requires."""
+    def ok(v: float) -> bool:
+        return (v > 0 or not positive and v == 0) and v <= most and (v <= 1 or v.is_integer())
+    return Key((float,), default, ok,
+               f"{'> 0' if positive else '>= 0'}, <= {most} and a whole number above 1")
+
+
+def path_label(v: str) -> bool:
+    """A name that becomes one folder name: letters, digits and . _ + -, not starting with a
+    dot (so never '..', never a path)."""
+    return re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,99}", v) is not None
+
+
+PATH_LABEL_RULE = "a name of letters, digits and . _ + - (not starting with '.', at most 100)"
 
 
 # Keys whose default depends on the method: null (their schema default) means the method's
@@ -90,9 +123,10 @@ SCHEMA: dict[str, Key] = {
     # bitwise the same parameters for any dist.workers and dist.exchange (one task per vmapped
     # chunk, one thread, deterministic kernels, sums in a fixed order): slower
     "train.deterministic": Key((bool,), False),
-    "dist.workers": Key((int,), 0, _non_negative, ">= 0 (0: in-process)"),
-    "dist.gpus_per_worker": Key((float,), 0.0, _non_negative, ">= 0"),
-    "dist.cpus_per_worker": Key((float,), 1.0, _positive, "> 0"),
+    "dist.workers": Key((int,), 0, lambda v: 0 <= v <= MAX_WORKERS,
+                        f">= 0 and <= {MAX_WORKERS} (0: in-process)"),
+    "dist.gpus_per_worker": resource_key(0.0, MAX_GPUS),
+    "dist.cpus_per_worker": resource_key(1.0, MAX_CPUS, positive=True),
     "dist.exchange": Key((str,), "exact", _one_of("exact", "sketch", "collective"),
                          "exact, sketch or collective"),
     # collective exchange: what the driver's O-AMFS weights come from
@@ -151,35 +185,81 @@ def load_yaml(text: str) -> Any:
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    spec = SCHEMA[key]
+def check_value(name: str, spec: Key, value: Any) -> Any:
+    """`value` checked against `spec` (numbers given as text read, ints made floats where the
+    key is a float); a ConfigError naming `name` and the value otherwise."""
     if value is None:
         if spec.nullable:
             return None
-        raise ConfigError(f"{key}: null is not allowed")
+        raise ConfigError(f"{name}: null is not allowed")
     if bool in spec.types:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {shown(value)}")
     elif float in spec.types:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {shown(value)}")
         try:
             value = float(value)
         except OverflowError:
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
+            raise ConfigError(f"{name}: expected a finite number, got {shown(value)}") from None
         if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{name}: expected a finite number, got {shown(value)}")
     elif int in spec.types:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{name}: expected an integer, got {shown(value)}")
     elif str in spec.types:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {shown(value)}")
+    elif list in spec.types:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {shown(value)}")
+    elif dict in spec.types:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {shown(value)}")
     if spec.check is not None and not spec.check(value):
-        raise ConfigError(f"{key}: must be {spec.rule}, got {value!r}")
+        raise ConfigError(f"{name}: must be {spec.rule}, got {shown(value)}")
     return value
+
+
+def shown(value: Any, most: int = 80) -> str:
+    """A value as an error shows it: its repr, cut to `most` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def printable(key: Any, most: int = 80) -> str:
+    """A user's key or name as an error shows it: escaped if it holds control characters, cut
+    to `most` characters."""
+    text = str(key) if str(key).isprintable() else repr(str(key))
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def check_mapping(schema: dict[str, Key], given: dict[str, Any], prefix: str = "",
+                  what: str = "config key") -> dict[str, Any]:
+    """Every key of `schema`: its default, or its value in `given` (flat, dotted), checked.
+    A key not in `schema` is an error; errors name prefix + key."""
+    for key in given:
+        if key not in schema:
+            raise ConfigError(f"{prefix}{printable(key)}: unknown {what}")
+    values = {k: copy.deepcopy(spec.default) for k, spec in schema.items()}
+    values.update(given)
+    return {k: check_value(prefix + k, spec, values[k]) for k, spec in schema.items()}
+
+
+def flatten_as(tree: dict, schema: dict[str, Key], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping -> dotted keys, stopping at the keys of `schema` (whose own values may
+    be mappings: an experiment file's base, a sweep's search)."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if (key not in schema and isinstance(v, dict)
+                and any(s.startswith(key + ".") for s in schema)):
+            flat.update(flatten_as(v, schema, key + "."))
+        else:
+            flat[key] = v
+    return flat
 
 
 def flatten(tree: dict, prefix: str = "", source: str = "config") -> dict[str, Any]:
@@ -205,20 +285,12 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
-class Config:
-    """A validated config; read values as cfg["kernel.lam"] or cfg.kernel.lam.
+class Values:
+    """Checked values of a schema, read-only: v["train.steps"] or v.train.steps."""
 
-    Reads give effective values: a key left null that the method decides (inner,
-    outer.weighting, METHOD_DEFAULTS) reads as the method's value; to_flat() keeps the nulls,
-    so that replace(method=...) and a saved config.yaml still follow the method.
-    """
-
-    def __init__(self, values: dict[str, Any]):
+    def __init__(self, values: dict[str, Any], effective: dict[str, Any] | None = None):
         object.__setattr__(self, "_values", dict(values))
-        preset = PRESETS.get(values.get("method"), {})
-        effective = {k: v if v is not None else preset.get(k, METHOD_DEFAULTS.get(k))
-                     for k, v in values.items()}
-        object.__setattr__(self, "_effective", effective)
+        object.__setattr__(self, "_effective", dict(values) if effective is None else effective)
 
     def __getitem__(self, key: str) -> Any:
         return self._effective[key]
@@ -231,20 +303,37 @@ class Config:
         sub = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
         if not sub:
             raise AttributeError(name)
-        return Config(sub)
+        return Values(sub)
 
     def __setattr__(self, name, value):
-        raise AttributeError("Config is read-only; use .replace(key=value)")
-
-    def replace(self, **dotted: Any) -> "Config":
-        """A copy with dotted overrides, validated (pass keys as {'kernel.lam': 1.0})."""
-        return resolve(self.to_flat(), dotted)
+        raise AttributeError(f"{type(self).__name__} is read-only")
 
     def to_flat(self) -> dict[str, Any]:
         return dict(self._values)
 
     def to_dict(self) -> dict:
         return unflatten(self._values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._values!r})"
+
+
+class Config(Values):
+    """A validated config; read values as cfg["kernel.lam"] or cfg.kernel.lam.
+
+    Reads give effective values: a key left null that the method decides (inner,
+    outer.weighting, METHOD_DEFAULTS) reads as the method's value; to_flat() keeps the nulls,
+    so that replace(method=...) and a saved config.yaml still follow the method.
+    """
+
+    def __init__(self, values: dict[str, Any]):
+        preset = method_preset(values.get("method"))
+        super().__init__(values, {k: v if v is not None else preset.get(k, METHOD_DEFAULTS.get(k))
+                                  for k, v in values.items()})
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with dotted overrides, validated (pass keys as {'kernel.lam': 1.0})."""
+        return resolve(self.to_flat(), dotted)
 
     @property
     def inner_loop(self) -> str:
@@ -263,8 +352,9 @@ class Config:
             return inner, get("outer.weighting"), get("kernel.type") if inner == "kernel" else None
 
         mine = identity(self.__getitem__)
-        for name, preset in PRESETS.items():
-            if identity(lambda k: preset.get(k, METHOD_DEFAULTS.get(k))) == mine:
+        for name in PRESETS:
+            preset = {**METHOD_DEFAULTS, **method_preset(name)}
+            if identity(preset.get) == mine:
                 return name
         inner = "linear-kernel" if mine[2] == "linear" else mine[0]
         return f"{inner}+{mine[1]}"
@@ -276,12 +366,10 @@ class Config:
             return "mlp" if self._values["data.source"] == "sinusoid" else "conv4"
         return b
 
-    def __repr__(self) -> str:
-        return f"Config({self._values!r})"
 
-
-def defaults() -> dict[str, Any]:
-    return {k: copy.deepcopy(spec.default) for k, spec in SCHEMA.items()}
+def method_preset(method: Any) -> dict[str, Any]:
+    """What method `method` sets (PRESETS), {} for an unknown one."""
+    return cast(dict[str, Any], PRESETS.get(method, {}))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -293,21 +381,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = load_yaml(raw) if raw.strip() else None
     except AliasError as e:
-        raise ConfigError(f"{key}: {e.problem}") from None
+        raise ConfigError(f"{printable(key)}: {e.problem}") from None
     except yaml.YAMLError:  # e.g. "a: b" or "[1": taken as the text itself
         value = raw
     return key, value
 
 
 def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
-    values = defaults()
-    for source in (base, overrides):
-        for key, value in source.items():
-            if key not in SCHEMA:
-                raise ConfigError(f"{key if key.isprintable() else repr(key)}: unknown config key")
-            values[key] = value
-    for key in SCHEMA:
-        values[key] = _coerce(key, values[key])
+    for key in base:  # the file's unknown key is named before an override's
+        if key not in SCHEMA:
+            raise ConfigError(f"{printable(key)}: unknown config key")
+    values = check_mapping(SCHEMA, {**base, **overrides})
     cfg = Config(values)
     if cfg.backbone == "mlp" and values["data.source"] != "sinusoid":
         raise ConfigError(f"model.backbone: mlp is for data.source=sinusoid, got "
@@ -323,6 +407,27 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
         key = "inner" if values["inner"] else "method"
         raise ConfigError(f"{key}: {values[key]} classifies; data.source=sinusoid is regression")
     return cfg
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_files(folder: str) -> dict[str, Path]:
+    """The YAML files shipped with the package in amfs_dist/FOLDER/, by name (no suffix)."""
+    return {p.stem: p for p in sorted((PACKAGE_DIR / folder).glob("*.yaml"))}
+
+
+def find_file(given: str | Path, folder: str, what: str) -> Path:
+    """The file a user names: a path, else a file shipped in amfs_dist/FOLDER/ named NAME,
+    NAME.yaml or FOLDER/NAME.yaml (as a checkout's command lines write it)."""
+    path = Path(given)
+    if path.exists():
+        return path
+    shipped = shipped_files(folder)
+    if path.parent in (Path("."), Path(folder)) and path.name.removesuffix(".yaml") in shipped:
+        return shipped[path.name.removesuffix(".yaml")]
+    raise ConfigError(f"{what} {printable(given)}: not found (a path, or one of the shipped "
+                      f"files: {', '.join(shipped)})")
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from amfs_dist.config import load_config
 from amfs_dist.data.episodes import ImageSet
+from amfs_dist.data.prepare.common import split_list
 from amfs_dist.train import Trainer
 from conftest import TINY
 
@@ -215,3 +216,58 @@ def stop_cluster(proc: subprocess.Popen) -> None:
         time.sleep(0.5)
     if proc.poll() is None:
         proc.wait(10)
+
+
+# -- data sets in their standard layouts (mini-ImageNet CSVs, CUB) ---------------------------
+_layout_rng = np.random.default_rng(0)
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def ravi_classes() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for split, wnid in split_list("mini_imagenet"):
+        out[split].append(wnid)
+    return out
+
+
+def mini_imagenet_tree(root: Path, per_class: int = 2, drop: str | None = None) -> Path:
+    for split, wnids in ravi_classes().items():
+        rows = ["filename,label"]
+        for w in wnids:
+            if w == drop:
+                continue
+            for k in range(per_class):
+                name = f"{w}{k:08d}.jpg"
+                pixels = _layout_rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+                write(root / "images" / name, jpeg(pixels[..., 0] if k == 1 else pixels))
+                rows.append(f"{name},{w}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def cub_tree(root: Path, per_class: int = 2, drop: str | None = None) -> Path:
+    names = [name for _, name in split_list("cub")]
+    classes = [f"{i + 1} {n}" for i, n in enumerate(sorted(names)) if n != drop]
+    images, labels, boxes = [], [], []
+    image_id = 0
+    for i, name in enumerate(sorted(names)):
+        if name == drop:
+            continue
+        for k in range(per_class):
+            image_id += 1
+            pixels = np.zeros((16, 20, 3), np.uint8)
+            pixels[:, 10:] = 255  # right half white: the bounding box
+            rel = f"{name}/{name.split('.')[1]}_{k:04d}.jpg"
+            write(root / "images" / rel, jpeg(pixels))
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {i + 1}")
+            boxes.append(f"{image_id} 10.0 0.0 10.0 16.0")
+    for file, lines in (("classes.txt", classes), ("images.txt", images),
+                        ("image_class_labels.txt", labels), ("bounding_boxes.txt", boxes)):
+        (root / file).write_text("\n".join(lines) + "\n")
+    return root

@@ -20,7 +20,7 @@ import pytest
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.store import write_store
-from helpers import class_marked_set, lake_tree
+from helpers import GLYPHS, class_marked_set, cub_tree, lake_tree, mini_imagenet_tree
 
 TRAIN = ["data.ways=3", "data.shots=1", "data.queries=2", "model.width=8", "train.steps=2",
          "train.meta_batch=2", "train.val_every=0", "eval.episodes=2", "eval.queries=2",
@@ -66,6 +66,57 @@ def src(tmp: Path) -> Path:
 def with_fifo(tmp: Path) -> Path:
     root = src(tmp)
     os.mkfifo(root / "images_background" / "Beta" / "character01" / "09.png")
+    return root
+
+
+def secret(tmp: Path, name: str = "photo.jpg") -> Path:
+    """An image outside --src (tmp/secret/NAME) that a list or a symlink may point at."""
+    (tmp / "secret").mkdir(exist_ok=True)
+    path = tmp / "secret" / name
+    path.write_bytes(GLYPHS[0])  # a PNG whatever the suffix: PIL reads it by its content
+    return path
+
+
+def mini_imagenet_naming(tmp: Path, filename: str) -> Path:
+    """A mini-ImageNet --src whose train.csv names `filename` on line 2."""
+    root = mini_imagenet_tree(tmp / "SRC", per_class=1)
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[1] = f"{filename},{lines[1].split(',')[1]}"
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def mini_imagenet_with_symlink(tmp: Path) -> Path:
+    root = mini_imagenet_tree(tmp / "SRC", per_class=1)
+    image = root / "images" / (root / "train.csv").read_text().splitlines()[1].split(",")[0]
+    image.unlink()
+    image.symlink_to(secret(tmp))
+    return root
+
+
+def cub_naming(tmp: Path, rel_path: str) -> Path:
+    """A CUB --src whose images.txt names `rel_path` on line 1."""
+    root = cub_tree(tmp / "CUB", per_class=1)
+    lines = (root / "images.txt").read_text().splitlines()
+    lines[0] = f"{lines[0].split()[0]} {rel_path}"
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def cub_box(tmp: Path, box: str) -> Path:
+    """A CUB --src whose bounding_boxes.txt gives image 1 the box `box`."""
+    root = cub_tree(tmp / "CUB", per_class=1)
+    lines = (root / "bounding_boxes.txt").read_text().splitlines()
+    lines[0] = f"1 {box}"
+    (root / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def lake_with_symlinked_glyph(tmp: Path) -> Path:
+    root = src(tmp)
+    glyph = root / "images_background" / "Beta" / "character01" / "00.png"
+    glyph.unlink()
+    glyph.symlink_to(secret(tmp, "glyph.png"))
     return root
 
 
@@ -116,6 +167,30 @@ CASES = [
     Case("fifo-named-png", lambda t: prepare("--src", with_fifo(t), "--out", t / "out"),
          ("{tmp}/SRC/images_background/Beta/character01/09.png", "not a regular file"),
          subprocess=True),
+    # paths from lists and symlinks stay inside --src (resolved)
+    Case("mini-imagenet-csv-names-an-absolute-path",
+         lambda t: ["data", "prepare", "mini-imagenet", "--out", str(t / "out"), "--src",
+                    str(mini_imagenet_naming(t, str(secret(t))))],
+         ("{tmp}/SRC/train.csv, line 2", "{tmp}/secret/photo.jpg", "outside --src")),
+    Case("mini-imagenet-csv-names-a-path-above-src",
+         lambda t: (secret(t), ["data", "prepare", "mini-imagenet", "--out", str(t / "out"),
+                                "--src", str(mini_imagenet_naming(t, "../../secret/photo.jpg"))])[1],
+         ("{tmp}/SRC/train.csv, line 2", "outside --src")),
+    Case("mini-imagenet-image-symlinked-outside-src",
+         lambda t: ["data", "prepare", "mini-imagenet", "--out", str(t / "out"), "--src",
+                    str(mini_imagenet_with_symlink(t))],
+         ("{tmp}/SRC/train.csv, line 2", "outside --src", "{tmp}/secret/photo.jpg")),
+    Case("cub-images-txt-names-a-path-above-src",
+         lambda t: (secret(t), ["data", "prepare", "cub", "--out", str(t / "out"), "--src",
+                                str(cub_naming(t, "../../secret/photo.jpg"))])[1],
+         ("{tmp}/CUB/images.txt, line 1", "outside --src")),
+    Case("cub-bounding-box-of-nan",
+         lambda t: ["data", "prepare", "cub", "--bbox-crop", "--out", str(t / "out"), "--src",
+                    str(cub_box(t, "nan 0 10 16"))],
+         ("{tmp}/CUB/bounding_boxes.txt", "bad box for image id 1")),
+    Case("omniglot-glyph-symlinked-outside-src",
+         lambda t: prepare("--src", lake_with_symlinked_glyph(t), "--out", t / "out"),
+         ("Beta/character01/00.png", "outside --src", "{tmp}/secret/glyph.png")),
     # manifests and tables that are not what a store holds
     Case("manifest-image-shape-not-integers",
          lambda t: ["data", "info", str(edit_manifest(store(t), image_shape=["1", 8, 8]))],

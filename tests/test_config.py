@@ -1,4 +1,5 @@
-"""Config loading, overrides and validation errors (README, Configuration)."""
+"""Config loading, overrides and validation errors; the same schema checks sweep and experiment
+files."""
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -7,6 +8,8 @@ from hypothesis import strategies as st
 from amfs_dist.cli import main
 from amfs_dist.config import SCHEMA, ConfigError, load_config
 from amfs_dist.errors import UserError
+from amfs_dist.experiment.spec import SPEC_SCHEMA, load_experiment
+from amfs_dist.tune.space import SETTINGS, load_sweep
 
 
 def test_defaults_and_presets():
@@ -50,6 +53,10 @@ BAD = [
     ("method=reptile", "method", "reptile"),
     ("kernel.normalize=maybe", "kernel.normalize", "maybe"),
     ("outer.weighting=max", "outer.weighting", "max"),
+    ("dist.gpus_per_worker=-0.5", "dist.gpus_per_worker", "-0.5"),
+    ("dist.cpus_per_worker=1e9", "dist.cpus_per_worker", "1000000000.0"),
+    ("dist.gpus_per_worker=2.5", "dist.gpus_per_worker", "2.5"),
+    ("dist.workers=1000000000", "dist.workers", "1000000000"),
 ]
 
 
@@ -64,6 +71,13 @@ def test_bad_values_name_key_and_value(override, key, value, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1 and key in err and value in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_long_bad_value_is_cut_in_the_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "data.ways=" + "y" * 100_000]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amfs: error: data.ways: expected an integer, got 'yyy")
+    assert len(err) < 200 and err.rstrip().endswith("...")
 
 
 def test_bad_config_file_is_named(tmp_path, capsys):
@@ -119,3 +133,46 @@ def test_any_yaml_file_loads_or_is_a_config_error(tmp_path_factory, content):
     else:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     _loads_or_config_error(lambda: load_config(path))
+
+
+def _write_yaml(tmp_path_factory, content) -> str:
+    path = tmp_path_factory.mktemp("file") / "f.yaml"
+    path.write_text(yaml.safe_dump(content, allow_unicode=True))
+    return str(path)
+
+
+# sweep files: the three sections with config keys, distributions and settings in them
+search_entries = st.dictionaries(keys, st.one_of(
+    values, st.builds(lambda kind, args: {kind: args},
+                      st.sampled_from(["loguniform", "uniform", "randint", "lograndint",
+                                       "choice", "normal"]),
+                      st.lists(scalars, max_size=3))), max_size=3)
+sweep_sections = st.fixed_dictionaries({}, optional={
+    "base": st.dictionaries(keys, values, max_size=4),
+    "search": search_entries,
+    "sweep": st.dictionaries(st.one_of(st.sampled_from(sorted(SETTINGS)), st.text(max_size=8)),
+                             values, max_size=4),
+    "extra": values})
+
+
+@settings(max_examples=100, deadline=None)
+@given(sweep_sections)
+def test_any_sweep_file_loads_or_is_a_config_error(tmp_path_factory, content):
+    path = _write_yaml(tmp_path_factory, content)
+    _loads_or_config_error(lambda: load_sweep(path))
+
+
+# experiment files: its own keys (resources nested), config keys under base/grid/variants
+SPEC_TOP = sorted({k.split(".")[0] for k in SPEC_SCHEMA})
+experiment_files = st.dictionaries(
+    st.one_of(st.sampled_from(SPEC_TOP), keys),
+    st.one_of(values, st.dictionaries(st.one_of(keys, st.sampled_from(["cpus", "gpus"]),
+                                                st.sampled_from(["..", "/abs", "a/b"])),
+                                      values, max_size=3)), max_size=5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(experiment_files)
+def test_any_experiment_file_loads_or_is_a_config_error(tmp_path_factory, content):
+    path = _write_yaml(tmp_path_factory, content)
+    _loads_or_config_error(lambda: load_experiment("compare", path).cells())

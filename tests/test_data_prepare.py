@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import pickle
 import signal
@@ -13,22 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from amfs_dist.cli import main as amfs
 from amfs_dist.data.episodes import ImageEpisodeSampler
 from amfs_dist.data.prepare.common import split_list
 from amfs_dist.data.prepare.omniglot import lake_val_alphabets
 from amfs_dist.data.store import open_store, read_manifest
-from helpers import GLYPHS, lake_tree, png, write
+from helpers import GLYPHS, cub_tree, jpeg, lake_tree, mini_imagenet_tree, png, ravi_classes, write
 
 RNG = np.random.default_rng(0)
-
-
-def jpeg(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def prepare(*args) -> int:
@@ -244,27 +236,6 @@ def test_options_that_do_not_apply_are_refused(tmp_path, capsys):
 
 # --- mini-ImageNet ----------------------------------------------------------------------
 
-def ravi_classes() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for split, wnid in split_list("mini_imagenet"):
-        out[split].append(wnid)
-    return out
-
-
-def mini_imagenet_tree(root: Path, per_class: int = 2, drop: str | None = None) -> Path:
-    for split, wnids in ravi_classes().items():
-        rows = ["filename,label"]
-        for w in wnids:
-            if w == drop:
-                continue
-            for k in range(per_class):
-                name = f"{w}{k:08d}.jpg"
-                pixels = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
-                write(root / "images" / name, jpeg(pixels[..., 0] if k == 1 else pixels))
-                rows.append(f"{name},{w}")
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
-
 
 def test_mini_imagenet_from_csv(tmp_path, capsys):
     src = mini_imagenet_tree(tmp_path / "src")
@@ -326,28 +297,6 @@ def test_pickles_are_refused_without_allow_pickle(tmp_path, capsys, monkeypatch)
 
 
 # --- CUB --------------------------------------------------------------------------------
-
-def cub_tree(root: Path, per_class: int = 2, drop: str | None = None) -> Path:
-    names = [name for _, name in split_list("cub")]
-    classes = [f"{i + 1} {n}" for i, n in enumerate(sorted(names)) if n != drop]
-    images, labels, boxes = [], [], []
-    image_id = 0
-    for i, name in enumerate(sorted(names)):
-        if name == drop:
-            continue
-        for k in range(per_class):
-            image_id += 1
-            pixels = np.zeros((16, 20, 3), np.uint8)
-            pixels[:, 10:] = 255  # right half white: the bounding box
-            rel = f"{name}/{name.split('.')[1]}_{k:04d}.jpg"
-            write(root / "images" / rel, jpeg(pixels))
-            images.append(f"{image_id} {rel}")
-            labels.append(f"{image_id} {i + 1}")
-            boxes.append(f"{image_id} 10.0 0.0 10.0 16.0")
-    for file, lines in (("classes.txt", classes), ("images.txt", images),
-                        ("image_class_labels.txt", labels), ("bounding_boxes.txt", boxes)):
-        (root / file).write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

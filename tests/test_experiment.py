@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from amfs_dist.cli import main
-from amfs_dist.config import ConfigError
+from amfs_dist.config import PACKAGE_DIR, ConfigError
 from amfs_dist.errors import UserError
 from amfs_dist.experiment.report import t_ci95
 from amfs_dist.experiment.run import MANIFEST, prepare_dir, run_cell
 from amfs_dist.experiment.spec import EXPERIMENTS, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
+SHIPPED = PACKAGE_DIR / "experiments"  # the experiment files shipped with the package
+SMOKE = SHIPPED / "smoke.yaml"
 
 
 def write(path: Path, text: str) -> Path:
@@ -70,14 +71,53 @@ def test_multi_experiment_file_merges_base_per_section(tmp_path):
     ("grid: {kernel.lamda: [1.0]}", "kernel.lamda: unknown config key"),
     ("grid: {method: []}", "grid.method: expected a non-empty list"),
     ("grid: {method: [nope]}", "method: must be one of"),
-    ("seeds: 0", "seeds: expected an integer >= 1"),
+    ("seeds: 0", "seeds: must be >= 1, got 0"),
     ("resources: {cpus: 0}", "resources.cpus"),
     ("test_steps: [-1]", "test_steps"),
-    ("grids: {}", "unknown key 'grids'"),
+    ("grids: {}", "grids: unknown key"),
+    ("resources: {cpus: 1, gpus: -0.5}", "resources.gpus: must be >= 0"),
+    ("resources: {gpus: .nan}", "resources.gpus: expected a finite number"),
+    ("resources: {cpus: 1.0e+9}", "resources.cpus: must be > 0, <= 1024"),
+    ("resources: {gpus: 1.5}", "resources.gpus: .*whole number above 1"),
+    ("resources: {disk: 1}", "resources.disk: unknown key"),
+    ("variants: {../up: {}}", "variants.../up: must be a name of letters"),
+    ("variants: {/abs/x: {}}", "variants./abs/x: must be a name of letters"),
+    ("variants: {full: 3}", "variants.full: expected a mapping"),
+    (f"grid: {{data.source: [/a/{'x' * 300}1, /b/{'x' * 300}2]}}", "two cells share a name"),
 ])
 def test_bad_experiment_files_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment("compare", write(tmp_path / "e.yaml", text))
+
+
+@pytest.mark.parametrize("text, names", [
+    ("variants: {../../../ESC/relative: {}}", "variants.../../../ESC"),
+    ("variants: {'{tmp}/ESC/absolute': {}}", "variants./"),
+    ("variants: {..: {}}", "variants...:"),
+    ("resources: {cpus: 1, gpus: -0.5}", "resources.gpus"),
+    ("resources: {cpus: .nan}", "resources.cpus"),
+])
+def test_experiment_file_that_would_escape_out_or_ask_bad_resources_is_refused(
+        tmp_path, capsys, monkeypatch, text, names):
+    """Refused in one line before anything is written: nothing outside --out, nor inside
+    (the absolute variant points into tmp_path, so that even a regression stays there)."""
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    write(work / "escape.yaml", GRID.replace("variants: {full: {}, mu0: {kernel.mu: 0.0}}", "")
+          .replace("resources: {cpus: 1}", "") + text.replace("{tmp}", str(tmp_path)) + "\n")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["experiment", "compare", "--config", "escape.yaml", "--out", "exp_esc",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("amfs: error: ") and err.count("\n") == 1 and names in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_bad_seeds_flag_is_named_as_the_flag(tmp_path, capsys):
+    assert main(["experiment", "compare", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "amfs: error: --seeds: must be >= 1, got 0\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_shipped_experiment_file_loads():
@@ -85,7 +125,7 @@ def test_every_shipped_experiment_file_loads():
         assert load_experiment(name).cells()
         assert load_experiment(name, SMOKE).cells()
     for preset in ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs"):
-        path = ROOT / "experiments" / f"{preset}.yaml"
+        path = SHIPPED / f"{preset}.yaml"
         for name in EXPERIMENTS:
             assert load_experiment(name, path).cells()
 
@@ -189,7 +229,7 @@ def test_ray_job_submit_runs_an_experiment_with_workers_inside_cells(head_node, 
     amfs = shutil.which("amfs", path=env["PATH"])
     entry = [amfs] if amfs else [sys.executable, "-m", "amfs_dist"]
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           *entry, "experiment", "steps", "--config", "experiments/smoke.yaml", "--out", str(out),
+           *entry, "experiment", "steps", "--config", "smoke", "--out", str(out),
            "--quiet", "train.steps=2", "dist.workers=1", "dist.cpus_per_worker=0.5"]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

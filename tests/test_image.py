@@ -72,10 +72,13 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
     for path in [".venv/bin/python", "runs/amfs-1/checkpoint.pt", "sweeps/s1/trial/result.json",
                  "amfs_dist/__pycache__/train.cpython-311.pyc", "tests/__pycache__/x.pyc",
                  ".pytest_cache/v/cache", ".git/HEAD", "amfs_dist.egg-info/PKG-INFO",
-                 "stores/omniglot/meta.json", "build/lib/amfs_dist/cli.py"]:
+                 "stores/omniglot/meta.json", "build/lib/amfs_dist/cli.py",
+                 "experiments-out/compare-20260101-000000/cells/a/model.pt",
+                 "results/compare/results.md", ".env", "cluster/k8s/.env"]:
         assert ignored(path, patterns), path
     for path in ["pyproject.toml", "README.md", "amfs_dist/train.py",
-                 "amfs_dist/data/splits/cub.txt"]:
+                 "amfs_dist/data/splits/cub.txt", "amfs_dist/experiments/compare.yaml",
+                 "amfs_dist/tuning/tiny-cpu.yaml"]:
         assert not ignored(path, patterns), path
 
 
@@ -98,3 +101,21 @@ def test_one_image_name_in_every_manifest_and_in_the_build_commands():
     for doc in ("Dockerfile", "cluster/README.md"):
         text = (REPO / doc).read_text()
         assert f"docker build -t {IMAGE} ." in text and f"docker push {IMAGE}" in text, doc
+
+
+def test_cluster_readme_ray_start_recipe_has_ports_of_its_own_and_token_auth():
+    """The `ray start --head` recipe: Ray's fixed default ports clash with any other Ray on the
+    machine (the dashboard agent's 52365 breaks `ray job submit`), and a head started by hand
+    listens on every interface, so the recipe's default is token authentication."""
+    text = (REPO / "cluster" / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    (recipe,) = [b for b in blocks if "ray start --head" in b and "ray job submit" in b]
+    code = re.sub(r"\\\n", " ", "\n".join(line.split("#")[0] for line in recipe.splitlines()))
+    (head,) = [line for line in code.splitlines() if "ray start --head" in line]
+    for flag in ("--port=", "--ray-client-server-port=", "--dashboard-port=",
+                 "--dashboard-agent-listen-port="):
+        assert flag in head, flag
+    assert re.search(r"^export RAY_AUTH_MODE=token\b", code, re.M)
+    assert "RAY_AUTH_TOKEN=" in code and "RAY_AUTH_MODE=disabled" not in code
+    (submit,) = [line for line in code.splitlines() if "ray job submit" in line]
+    assert "$DASHBOARD_PORT" in submit

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from amfs_dist.cli import main as amfs
-from amfs_dist.config import dump_yaml, load_config
-from amfs_dist.tune.space import DEFAULT_SWEEP, load_sweep
+from amfs_dist.config import PACKAGE_DIR, dump_yaml, load_config
+from amfs_dist.tune.space import load_sweep
 from conftest import PickleThatWritesAFile
 from helpers import assert_whole_queries
 
 REPO = Path(__file__).resolve().parent.parent
-TUNING = REPO / "tuning"
+TUNING = PACKAGE_DIR / "tuning"  # the sweep files shipped with the package
 
 # Tiny trials: 3-way 1-shot glyphs at 16 px, a width-8 Conv-4, 8 steps, a validation every 2.
 TEST_BASE = {
@@ -71,7 +71,8 @@ def test_ready_sweeps_parse_and_tiny_cpu_is_the_default():
         assert len(bundles) == 1 + d.workers
         assert all(b.get("GPU") == d.gpus_per_worker for b in bundles[1:])
         assert Path(spec.base.data.source).is_absolute()
-    assert DEFAULT_SWEEP["sweep"]["name"] == "tiny-cpu"
+    assert load_sweep(None).settings.name == "tiny-cpu"
+    assert load_sweep("tiny-cpu").to_yaml_dict() == tiny.to_yaml_dict()  # a shipped name
 
 
 def test_overrides_route_to_settings_search_and_base():
@@ -118,6 +119,13 @@ BAD_SPACES = [
     ("sweep.num_smaples=4", "sweep.num_smaples", "unknown sweep setting"),
     ("sweep.grace_period=9", "sweep.grace_period", "validations"),
     ("kernel.lamda=0.5", "kernel.lamda", "unknown config key"),
+    ("sweep.trial_gpus=-0.5", "sweep.trial_gpus", "must be >= 0"),
+    ("sweep.trial_cpus=.nan", "sweep.trial_cpus", "finite"),
+    ("sweep.trial_gpus=1e6", "sweep.trial_gpus", "<= 64"),
+    ("sweep.name=../../elsewhere", "sweep.name", "letters, digits"),
+    ("dist.gpus_per_worker=-0.5", "dist.gpus_per_worker", "must be >= 0"),
+    ("data.source=" + "x" * 5000, "data.source", "not a usable path (File name too long)"),
+    ('data.source="a\\0b"', "data.source", "no prepared store at 'a\\x00b'"),
 ]
 
 
@@ -142,7 +150,7 @@ def test_bad_sweep_file_errors_name_the_key(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text("base: {}\nsearch: {kernel.lam: {loguniform: [0.1, 1]}}\n"
                                      "kernel.mu: 0.1\n")
     assert amfs(["tune", "--config", str(tmp_path / "t.yaml")]) == 2
-    assert "unknown section 'kernel.mu'" in capsys.readouterr().err
+    assert "kernel.mu: unknown section" in capsys.readouterr().err
     assert amfs(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
 

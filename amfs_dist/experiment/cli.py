@@ -16,7 +16,8 @@ def register(sub) -> None:
                     "command trains nothing already finished and resumes interrupted cells.")
     p.add_argument("name", metavar="NAME", choices=EXPERIMENTS, help=", ".join(EXPERIMENTS))
     p.add_argument("--config", metavar="FILE",
-                   help="experiment file (default: experiments/NAME.yaml)")
+                   help="experiment file: a path, or the name of a shipped one (omniglot, "
+                        "mini-imagenet, cub, fc100, cifar-fs, smoke; default: NAME's own)")
     p.add_argument("--out", help="experiment directory (default experiments-out/NAME-TIMESTAMP)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the file's seeds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

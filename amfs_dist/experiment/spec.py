@@ -3,31 +3,67 @@
     description: what the experiment shows (free text)
     base:        config keys, nested or dotted, over the defaults (as in `amfs train --config`)
     grid:        {config key: [values]}: every combination is a cell
-    variants:    {name: {config key: value}}: named settings, crossed with the grid (ablation)
+    variants:    {name: {config key: value}}: named settings, crossed with the grid (ablation);
+                 a name is a folder name (config.path_label), never a path
     seeds:       N: each cell runs with seed = base seed + 0..N-1
     resources:   {cpus, gpus}: each cell's driver; dist.workers add one bundle each
-                 (dist.cpus_per_worker / dist.gpus_per_worker), all in one placement group
+                 (dist.cpus_per_worker / dist.gpus_per_worker), all in one placement group;
+                 bounded as those are (config.resource_key)
     test_steps:  [k, ...]: also evaluate MAML-type cells with maml.test_steps=k (0: no step)
     cross_domain: {name: {config key: value}}: also evaluate every cell with these overrides
                  (e.g. another data.source), as `amfs eval RUN key=value` does
 
-A file holding `experiments: {NAME: {...}, ...}` carries several experiments; its other
-top-level keys are defaults for each (base keys merge key by key). key=value overrides set a
-base key; one that the grid varies is fixed instead, leaving the grid.
+SPEC_SCHEMA holds each key's type, default and rule. A file holding
+`experiments: {NAME: {...}, ...}` carries several experiments; its other top-level keys are
+defaults for each (base keys merge key by key). key=value overrides set a base key; one that
+the grid varies is fixed instead, leaving the grid.
 """
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amfs_dist.config import SCHEMA, ConfigError, flatten, parse_override, read_yaml_mapping, resolve
+from amfs_dist.config import (
+    MAX_CPUS,
+    MAX_GPUS,
+    PATH_LABEL_RULE,
+    SCHEMA,
+    ConfigError,
+    Key,
+    check_mapping,
+    check_value,
+    find_file,
+    flatten,
+    flatten_as,
+    parse_override,
+    path_label,
+    printable,
+    read_yaml_mapping,
+    resolve,
+    resource_key,
+    shipped_files,
+    shown,
+)
 
 EXPERIMENTS = ("compare", "steps", "cross-domain", "first-order", "stability", "ablation")
-SPEC_KEYS = ("description", "base", "grid", "variants", "seeds", "resources", "test_steps",
-             "cross_domain")
+# the keys of an experiment file (see the module doc); base, grid, variants and cross_domain
+# hold config keys, checked against the config schema
+SPEC_SCHEMA: dict[str, Key] = {
+    "description": Key((str,), "", nullable=True),
+    "base": Key((dict,), {}, nullable=True),
+    "grid": Key((dict,), {}, nullable=True),
+    "variants": Key((dict,), {}, nullable=True),
+    "seeds": Key((int,), 3, lambda v: v >= 1, ">= 1"),
+    "resources.cpus": resource_key(1.0, MAX_CPUS, positive=True),
+    "resources.gpus": resource_key(0.0, MAX_GPUS),
+    "test_steps": Key((list,), [], lambda v: all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v),
+        "a list of integers >= 0", nullable=True),
+    "cross_domain": Key((dict,), {}, nullable=True),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +75,8 @@ class Cell:
 
 @dataclass
 class ExperimentSpec:
+    """A checked experiment file (its defaults are SPEC_SCHEMA's)."""
+
     name: str
     base: dict[str, Any]
     grid: dict[str, list]
@@ -46,10 +84,10 @@ class ExperimentSpec:
     seeds: int
     cpus: float
     gpus: float
-    test_steps: list[int] = field(default_factory=list)
-    cross_domain: dict[str, dict[str, Any]] = field(default_factory=dict)
-    description: str = ""
-    source: str = "<default>"
+    test_steps: list[int]
+    cross_domain: dict[str, dict[str, Any]]
+    description: str
+    source: str  # the file it was read from
 
     def cells(self) -> list[Cell]:
         """Every cell, validated as a config (errors name the cell's settings)."""
@@ -95,27 +133,18 @@ def _labels(keys: list[str]) -> dict[str, str]:
 
 
 def _value_label(key: str, value: Any) -> str:
+    """A grid value as part of a folder name: safe characters only, and short (a folder name
+    has at most 255 bytes; values cut to the same label are caught as a name clash)."""
     text = Path(str(value)).name if key == "data.source" else str(value)
-    return re.sub(r"[^A-Za-z0-9._+]", "_", text)
-
-
-def default_file(name: str) -> Path:
-    """experiments/NAME.yaml: in the current directory (a checkout, a `ray job submit`
-    working_dir), else beside the package (an editable install of a checkout)."""
-    here = Path("experiments") / f"{name}.yaml"
-    if here.is_file():
-        return here
-    return Path(__file__).resolve().parents[2] / "experiments" / f"{name}.yaml"
+    return re.sub(r"[^A-Za-z0-9._+]", "_", text)[:40]
 
 
 def load_experiment(name: str, path: str | Path | None = None,
                     overrides: list[str] | None = None, seeds: int | None = None) -> ExperimentSpec:
     if name not in EXPERIMENTS:
         raise ConfigError(f"experiment {name!r}: must be one of {', '.join(EXPERIMENTS)}")
-    path = Path(path) if path else default_file(name)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path}: not found (pass --config FILE; the files ship "
-                          f"in the repository's experiments/ folder)")
+    path = (find_file(path, "experiments", "experiment file") if path
+            else shipped_files("experiments")[name])
     tree = read_yaml_mapping(path, "experiment file")
     if "experiments" in tree:
         sections = tree.pop("experiments")
@@ -131,51 +160,47 @@ def load_experiment(name: str, path: str | Path | None = None,
     return _parse(name, tree, str(path), overrides or [], seeds)
 
 
-def _mapping(tree: dict, key: str, where: str) -> dict:
-    value = tree.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
-    return value
-
-
 def _parse(name: str, tree: dict, where: str, overrides: list[str],
            seeds: int | None) -> ExperimentSpec:
-    unknown = set(tree) - set(SPEC_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(SPEC_KEYS)})")
-    base = flatten(_mapping(tree, "base", where))
-    grid = _mapping(tree, "grid", where)
-    variants = {str(k): flatten(v or {}) for k, v in _mapping(tree, "variants", where).items()}
-    cross = {str(k): flatten(v or {}) for k, v in _mapping(tree, "cross_domain", where).items()}
+    given = flatten_as(tree, SPEC_SCHEMA)
+    if seeds is not None:  # --seeds: its error names the flag, not the file
+        given["seeds"] = check_value("--seeds", SPEC_SCHEMA["seeds"], seeds)
+    try:
+        spec = check_mapping(SPEC_SCHEMA, given, what="key (keys: " + ", ".join(
+            sorted({k.split(".")[0] for k in SPEC_SCHEMA})) + ")")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    base = flatten(spec["base"] or {})
+    grid = dict(spec["grid"] or {})
+    variants, cross = {}, {}
+    for section, into in (("variants", variants), ("cross_domain", cross)):
+        for label, changes in (spec[section] or {}).items():
+            label = str(label)
+            if section == "variants" and not path_label(label):  # it names the cells' folders
+                raise ConfigError(f"{where}: variants.{printable(label)}: must be "
+                                  f"{PATH_LABEL_RULE}")
+            if not isinstance(changes, dict | None):
+                raise ConfigError(f"{where}: {section}.{printable(label)}: expected a mapping of config "
+                                  f"keys, got {changes!r}")
+            into[label] = flatten(changes or {})
     for key in list(base) + list(grid) + [k for v in (*variants.values(), *cross.values()) for k in v]:
         if key not in SCHEMA:
-            raise ConfigError(f"{where}: {key}: unknown config key")
+            raise ConfigError(f"{where}: {printable(key)}: unknown config key")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: grid.{key}: expected a non-empty list, got {values!r}")
+            raise ConfigError(f"{where}: grid.{printable(key)}: expected a non-empty list, "
+                              f"got {shown(values)}")
     for key, value in (parse_override(o) for o in overrides):
         if key not in SCHEMA:
-            raise ConfigError(f"{key}: unknown config key")
+            raise ConfigError(f"{printable(key)}: unknown config key")
         grid.pop(key, None)  # a value given on the command line fixes a grid dimension
         base[key] = value
         for changes in variants.values():
             changes.pop(key, None)
-    seeds = tree.get("seeds", 3) if seeds is None else seeds
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"{where}: seeds: expected an integer >= 1, got {seeds!r}")
-    res = _mapping(tree, "resources", where)
-    if set(res) - {"cpus", "gpus"}:
-        raise ConfigError(f"{where}: resources: only cpus and gpus, got {sorted(res)}")
-    cpus, gpus = res.get("cpus", 1), res.get("gpus", 0)
-    for key, v, low in (("cpus", cpus, 0), ("gpus", gpus, -1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
-            raise ConfigError(f"{where}: resources.{key}: expected a number "
-                              f"{'> 0' if low == 0 else '>= 0'}, got {v!r}")
-    steps = tree.get("test_steps") or []
-    if not isinstance(steps, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                          for s in steps):
-        raise ConfigError(f"{where}: test_steps: expected a list of integers >= 0, got {steps!r}")
-    spec = ExperimentSpec(name, base, grid, variants, seeds, float(cpus), float(gpus),
-                          list(steps), cross, str(tree.get("description") or ""), where)
-    spec.cells()  # every cell's config is valid before anything starts
-    return spec
+    experiment = ExperimentSpec(name, base, grid, variants, spec["seeds"],
+                                spec["resources.cpus"], spec["resources.gpus"],
+                                list(spec["test_steps"] or []), cross,
+                                spec["description"] or "", where)
+    experiment.cells()  # every cell's config is valid before anything starts
+    return experiment
+

@@ -2,7 +2,8 @@
 
 key=value: `sweep.NAME=V` sets a sweep setting, `search.KEY=V` a search dimension, any other
 key the base training config (a swept key given this way is fixed: it leaves the search).
-The sweep file format is documented in tuning/README.md and amfs_dist/tune/space.py.
+The sweep file format is documented in tuning/README.md and amfs_dist/tune/space.py; the sweeps
+shipped with the package (amfs_dist/tuning/NAME.yaml) are named by NAME.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ def register(sub) -> None:
         "tune", help="Ray Tune + Optuna sweep (kernel bandwidth, lambda, mu, gamma, ...)",
         description="Run a Ray Tune sweep (Optuna TPE search, ASHA early stopping) over config "
                     "keys; writes a trial table, the best config as YAML, a plot and the best "
-                    "model's test result into --out. With no --config, a tiny CPU sweep on the "
-                    "synthetic glyphs. Connects to RAY_ADDRESS's cluster if set, else starts a "
+                    "model's test result into --out. With no --config, the shipped tiny-cpu sweep on "
+                    "the synthetic glyphs. Connects to RAY_ADDRESS's cluster if set, else starts a "
                     "local one.")
     p.add_argument("--config", metavar="SWEEP_YAML",
-                   help="sweep file: base (config), search (space), sweep (settings)")
+                   help="sweep file: base (config), search (space), sweep (settings); a path, "
+                        "or a shipped sweep's name (tiny-cpu, omniglot-gpu, mini-imagenet-gpu)")
     p.add_argument("--out", help="sweep directory or s3:// / gs:// URI (default "
                                  "sweeps/NAME-TIMESTAMP)")
     p.add_argument("--resume", metavar="DIR",

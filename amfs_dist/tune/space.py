@@ -24,12 +24,32 @@ Everything is validated here, before Ray starts: errors are one line naming the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amfs_dist.config import (SCHEMA, Config, ConfigError, dump_yaml, flatten, parse_override,
-                              read_yaml_mapping, resolve)
+from amfs_dist.config import (
+    MAX_CPUS,
+    MAX_GPUS,
+    PATH_LABEL_RULE,
+    SCHEMA,
+    Config,
+    ConfigError,
+    Key,
+    Values,
+    check_mapping,
+    dump_yaml,
+    find_file,
+    flatten,
+    flatten_as,
+    parse_override,
+    path_label,
+    printable,
+    read_yaml_mapping,
+    resolve,
+    resource_key,
+    shipped_files,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")
@@ -86,58 +106,34 @@ class Dist:
         return f"{self.kind} [{self.low:g}, {self.high:g}]"
 
 
-@dataclass(frozen=True)
-class Setting:
-    types: tuple[type, ...]
-    default: Any
-    check: Any = None
-    rule: str = ""
-    nullable: bool = False
-
-
-SETTINGS: dict[str, Setting] = {
-    "name": Setting((str,), "sweep", lambda v: bool(v) and "/" not in v, "a non-empty name without /"),
-    "num_samples": Setting((int,), 8, lambda v: v >= 1, ">= 1"),
-    "max_concurrent_trials": Setting((int,), 2, lambda v: v >= 1, ">= 1 (or null: no limit)", True),
-    "seed": Setting((int,), 0, lambda v: v >= 0, ">= 0"),
-    "metric": Setting((str,), "val_accuracy", lambda v: v in METRICS, "val_accuracy or val_loss"),
-    "scheduler": Setting((str,), "asha", lambda v: v in ("asha", "fifo"), "asha or fifo"),
-    "grace_period": Setting((int,), 1, lambda v: v >= 1, ">= 1 (validations)"),
-    "reduction_factor": Setting((int, float), 2, lambda v: v > 1, "> 1"),
-    "startup_trials": Setting((int,), 10, lambda v: v >= 1, ">= 1"),
-    "trial_cpus": Setting((int, float), 1, lambda v: v > 0, "> 0"),
-    "trial_gpus": Setting((int, float), 0, lambda v: v >= 0, ">= 0"),
-    "max_failures": Setting((int,), 1, lambda v: v >= 0, ">= 0"),
-    "keep_checkpoints": Setting((int,), 2, lambda v: v >= 1, ">= 1"),
-    "test_episodes": Setting((int,), None, lambda v: v >= 1, ">= 1 (or null: eval.episodes)", True),
-    "points_to_evaluate": Setting((list,), [], None, "a list of {key: value} mappings"),
+SETTINGS: dict[str, Key] = {
+    "name": Key((str,), "sweep", path_label, PATH_LABEL_RULE),
+    "num_samples": Key((int,), 8, lambda v: v >= 1, ">= 1"),
+    "max_concurrent_trials": Key((int,), 2, lambda v: v >= 1, ">= 1 (or null: no limit)", True),
+    "seed": Key((int,), 0, lambda v: v >= 0, ">= 0"),
+    "metric": Key((str,), "val_accuracy", lambda v: v in METRICS, "val_accuracy or val_loss"),
+    "scheduler": Key((str,), "asha", lambda v: v in ("asha", "fifo"), "asha or fifo"),
+    "grace_period": Key((int,), 1, lambda v: v >= 1, ">= 1 (validations)"),
+    "reduction_factor": Key((float,), 2.0, lambda v: v > 1, "> 1"),
+    "startup_trials": Key((int,), 10, lambda v: v >= 1, ">= 1"),
+    "trial_cpus": resource_key(1.0, MAX_CPUS, positive=True),
+    "trial_gpus": resource_key(0.0, MAX_GPUS),
+    "max_failures": Key((int,), 1, lambda v: v >= 0, ">= 0"),
+    "keep_checkpoints": Key((int,), 2, lambda v: v >= 1, ">= 1"),
+    "test_episodes": Key((int,), None, lambda v: v >= 1, ">= 1 (or null: eval.episodes)", True),
+    "points_to_evaluate": Key((list,), [], None),
 }
+# the sections of a sweep file (a missing or empty one is {})
+SECTIONS: dict[str, Key] = {name: Key((dict,), {}, nullable=True)
+                            for name in ("base", "search", "sweep")}
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    name: str = "sweep"
-    num_samples: int = 8
-    max_concurrent_trials: int | None = 2
-    seed: int = 0
-    metric: str = "val_accuracy"
-    scheduler: str = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 2
-    startup_trials: int = 10
-    trial_cpus: float = 1
-    trial_gpus: float = 0
-    max_failures: int = 1
-    keep_checkpoints: int = 2
-    test_episodes: int | None = None
-    points_to_evaluate: list = field(default_factory=list)
+class SweepSettings(Values):
+    """The checked `sweep:` settings (SETTINGS), read as settings.num_samples."""
 
     @property
     def mode(self) -> str:
         return METRICS[self.metric]
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -145,7 +141,7 @@ class SweepSpec:
     base: Config
     search: dict[str, Dist]
     settings: SweepSettings
-    source: str = "<default>"
+    source: str  # the file it was read from
 
     @property
     def metric(self) -> str:
@@ -192,67 +188,12 @@ def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
     return [driver] + [dict(worker) for _ in range(dist.workers)]
 
 
-# The embedded sweep (`amfs tune` with no --config); tuning/tiny-cpu.yaml holds the same.
-DEFAULT_SWEEP: dict = {
-    "base": {
-        "method": "amfs", "data.source": "synthetic", "data.ways": 5, "data.shots": 1,
-        "data.queries": 5, "model.width": 16, "train.meta_batch": 4, "train.steps": 40,
-        "train.val_every": 10, "train.val_episodes": 10, "train.checkpoint_every": 10,
-        "eval.episodes": 100, "eval.queries": 5, "train.device": "cpu",
-    },
-    "search": {
-        "kernel.bandwidth": {"loguniform": [0.05, 5.0]},
-        "kernel.lam": {"loguniform": [0.001, 1.0]},
-        "kernel.mu": {"uniform": [0.0, 0.2]},
-        "kernel.gamma": {"uniform": [0.0, 0.1]},
-    },
-    "sweep": {
-        "name": "tiny-cpu", "num_samples": 6, "max_concurrent_trials": 2, "seed": 0,
-        "metric": "val_accuracy", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-        "startup_trials": 4, "trial_cpus": 1, "trial_gpus": 0, "test_episodes": 100,
-    },
-}
+# the sweep `amfs tune` runs without --config: amfs_dist/tuning/tiny-cpu.yaml
+DEFAULT_SWEEP = "tiny-cpu"
 
 
 def _yaml_value(v):
     return dump_yaml(v, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _check_setting(name: str, value: Any) -> Any:
-    spec = SETTINGS.get(name)
-    if spec is None:
-        raise ConfigError(f"sweep.{name}: unknown sweep setting (expected one of "
-                          f"{', '.join(SETTINGS)})")
-    if value is None:
-        if spec.nullable:
-            return None
-        raise ConfigError(f"sweep.{name}: null is not allowed")
-    ok_type = isinstance(value, spec.types) and not isinstance(value, bool)
-    if not ok_type:
-        want = " or ".join(t.__name__ for t in spec.types)
-        raise ConfigError(f"sweep.{name}: expected {want}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"sweep.{name}: expected a finite number, got {value!r}")
-    if spec.check is not None and not spec.check(value):
-        raise ConfigError(f"sweep.{name}: must be {spec.rule}, got {value!r}")
-    return value
-
-
-def _flatten_search(tree: Any, where: str) -> dict[str, Any]:
-    """search: flat dotted keys, or nested as in a config ('kernel: {lam: ...}')."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: search must be a mapping of config key -> distribution, "
-                          f"got {type(tree).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        key = str(key)
-        if (key not in SCHEMA and isinstance(value, dict)
-                and any(k.startswith(key + ".") for k in SCHEMA)):
-            for sub, v in _flatten_search(value, where).items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[key] = value
-    return flat
 
 
 def _is_number(v) -> bool:
@@ -261,7 +202,7 @@ def _is_number(v) -> bool:
 
 def parse_dist(key: str, spec: Any, base: dict[str, Any]) -> Dist:
     """One search entry -> Dist, validated against the config schema (names search.KEY)."""
-    name = f"search.{key}"
+    name = f"search.{printable(key)}"
     if key not in SCHEMA:
         raise ConfigError(f"{name}: unknown config key")
     if key.startswith(FIXED_PREFIXES) or key in FIXED_KEYS:
@@ -323,36 +264,33 @@ def _resolve_source(flat: dict[str, Any], check_paths: bool) -> None:
     if not isinstance(src, str) or src in BUILTIN_SOURCES:
         return
     path = Path(src).expanduser()
-    if check_paths and not path.exists():
-        raise ConfigError(f"data.source: no prepared store at {src} (run `amfs data prepare` "
-                          f"first, or pass data.source=PATH)")
-    flat["data.source"] = str(path.resolve()) if path.exists() else str(path.absolute())
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name over the filesystem's 255 bytes
+        raise ConfigError(f"data.source: {printable(src)} is not a usable path "
+                          f"({e.strerror})") from None
+    if check_paths and not exists:
+        raise ConfigError(f"data.source: no prepared store at {printable(src)} (run `amfs data "
+                          f"prepare` first, or pass data.source=PATH)")
+    flat["data.source"] = str(path.resolve()) if exists else str(path.absolute())
 
 
 def load_sweep(path: str | Path | None = None, overrides: list[str] | None = None,
                check_paths: bool = True) -> SweepSpec:
-    """Sweep file (or the embedded default) <- overrides, validated; see the module doc."""
-    if path is None:
-        import copy
-        tree, where = copy.deepcopy(DEFAULT_SWEEP), "<default sweep>"
-    else:
-        where = str(path)
-        tree = read_yaml_mapping(path, "sweep file")
-    unknown = [k for k in tree if k not in ("base", "search", "sweep")]
-    if unknown:
-        hint = " (config keys go under base:)" if str(unknown[0]).split(".")[0] in {
-            k.split(".")[0] for k in SCHEMA} else ""
-        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; expected base, search, "
-                          f"sweep{hint}")
-    base_tree = tree.get("base") or {}
-    if not isinstance(base_tree, dict):
-        raise ConfigError(f"{where}: base must be a mapping of config keys")
-    base_flat = flatten(base_tree)
-    search_raw = _flatten_search(tree.get("search") or {}, where)
-    settings_raw = tree.get("sweep") or {}
-    if not isinstance(settings_raw, dict):
-        raise ConfigError(f"{where}: sweep must be a mapping of settings")
-    settings_raw = dict(settings_raw)
+    """Sweep file <- overrides, validated; see the module doc. `path` may name a shipped
+    sweep (amfs_dist/tuning/NAME.yaml); None is DEFAULT_SWEEP."""
+    found = (shipped_files("tuning")[DEFAULT_SWEEP] if path is None
+             else find_file(path, "tuning", "sweep file"))
+    where = str(found)
+    tree = read_yaml_mapping(found, "sweep file")
+    try:
+        sections = check_mapping(SECTIONS, tree, what="section (base, search or sweep; config "
+                                                      "keys go under base:)")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    base_flat = flatten(sections["base"] or {})
+    search_raw = flatten_as(sections["search"] or {}, SCHEMA)
+    settings_raw = dict(sections["sweep"] or {})
 
     fixed: dict[str, Any] = {}
     for text in overrides or []:
@@ -371,8 +309,7 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] | None = Non
     _resolve_source(flat, check_paths)
     base = resolve(flat, {})
 
-    settings = {name: _check_setting(name, value) for name, value in settings_raw.items()}
-    settings = SweepSettings(**settings)
+    settings = SweepSettings(check_mapping(SETTINGS, settings_raw, "sweep.", "sweep setting"))
 
     if not search_raw:
         raise ConfigError(f"{where}: search is empty; give at least one key to sweep")

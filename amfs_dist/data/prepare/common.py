@@ -5,10 +5,10 @@ import os
 import pickle
 import stat
 import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,19 @@ def require_file(path: Path, what: str) -> Path:
         if path.exists():
             raise PrepareError(f"{path}: not a regular file ({what})")
         raise PrepareError(f"{path}: file not found ({what})")
+    return path
+
+
+def inside_src(src: Path, path: Path, where: str) -> Path:
+    """`path` if it lies inside `src` once symlinks and '..' are resolved; a list naming
+    /etc/... or ../../secret (or a symlink to them) is refused, naming `where` (file, line)."""
+    try:
+        root, real = src.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise PrepareError(f"{where}: cannot resolve {path} ({e})") from None
+    if not real.is_relative_to(root):
+        raise PrepareError(f"{where}: {path} lies outside --src {src} (at {real}); amfs reads "
+                           f"only files inside --src")
     return path
 
 

@@ -17,16 +17,29 @@ from pathlib import Path
 import torch
 
 from amfs_dist.data.episodes import ImageSet
-from amfs_dist.data.prepare.common import (ClassSpec, PrepareError, PrepareOptions, assemble,
-                                           check_split_classes, decode, require_dir,
-                                           require_file, resize, split_file_path, split_list)
+from amfs_dist.data.prepare.common import (
+    ClassSpec,
+    PrepareError,
+    PrepareOptions,
+    assemble,
+    check_split_classes,
+    decode,
+    inside_src,
+    require_dir,
+    require_file,
+    resize,
+    split_file_path,
+    split_list,
+)
 
 DEFAULT_SIZE = 84
 Box = tuple[float, float, float, float]
 
 
-def read_table(path: Path, columns: int) -> dict[str, list[str]]:
-    """First column -> the other columns, for a whitespace-separated CUB metadata file."""
+def read_table(path: Path, columns: int,
+               lines: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """First column -> the other columns, for a whitespace-separated CUB metadata file; the
+    line number of each first column into `lines`, if given."""
     table = {}
     for line_no, line in enumerate(require_file(path, "CUB_200_2011 metadata").read_text()
                                    .splitlines(), start=1):
@@ -37,6 +50,8 @@ def read_table(path: Path, columns: int) -> dict[str, list[str]]:
             raise PrepareError(f"{path}, line {line_no}: expected {columns} fields, got "
                                f"{line!r}")
         table[fields[0]] = fields[1:]
+        if lines is not None:
+            lines[fields[0]] = line_no
     return table
 
 
@@ -55,7 +70,8 @@ def load(src: Path, opts: PrepareOptions) -> tuple[ImageSet, str]:
         src = src / "CUB_200_2011"
     images_dir = require_dir(src / "images", "CUB_200_2011 layout: SRC/images/<class>/<file>")
     class_of_id = {cid: row[0] for cid, row in read_table(src / "classes.txt", 2).items()}
-    paths = read_table(src / "images.txt", 2)
+    path_lines: dict[str, int] = {}
+    paths = read_table(src / "images.txt", 2, path_lines)
     labels = read_table(src / "image_class_labels.txt", 2)
     boxes: dict[str, list[str]] = {}
     if opts.bbox_crop:
@@ -78,9 +94,14 @@ def load(src: Path, opts: PrepareOptions) -> tuple[ImageSet, str]:
             try:
                 box = tuple(float(v) for v in boxes[image_id])
             except ValueError:
+                box = (math.nan,)
+            if not all(math.isfinite(v) for v in box):  # 'nan' and 'inf' read as floats
                 raise PrepareError(f"{src / 'bounding_boxes.txt'}: bad box for image id "
-                                   f"{image_id}: {boxes[image_id]}") from None
-        members.setdefault(class_of_id[class_id], []).append((images_dir / rel_path, box))
+                                   f"{image_id}: {boxes[image_id]} (expected 4 finite "
+                                   f"numbers)")
+        image = inside_src(src, images_dir / rel_path,
+                           f"{src / 'images.txt'}, line {path_lines[image_id]}")
+        members.setdefault(class_of_id[class_id], []).append((image, box))
 
     listed = split_list("cub")
     check_split_classes(list(members), [name for _, name in listed], str(src),

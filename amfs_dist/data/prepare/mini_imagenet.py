@@ -17,10 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from amfs_dist.data.episodes import SPLITS, ImageSet
-from amfs_dist.data.prepare.common import (ClassSpec, PrepareError, PrepareOptions, assemble,
-                                           check_split_classes, decode, image_set, require_dir,
-                                           resize, resize_array, split_file_path, split_list,
-                                           unpickle)
+from amfs_dist.data.prepare.common import (
+    ClassSpec,
+    PrepareError,
+    PrepareOptions,
+    assemble,
+    check_split_classes,
+    decode,
+    image_set,
+    inside_src,
+    require_dir,
+    resize,
+    resize_array,
+    split_file_path,
+    split_list,
+    unpickle,
+)
 
 DEFAULT_SIZE = 84
 PICKLE_NAME = "mini-imagenet-cache-{}.pkl"
@@ -33,9 +45,9 @@ def ravi_split() -> dict[str, list[str]]:
     return listed
 
 
-def read_csv(path: Path) -> dict[str, list[str]]:
-    """wnid -> filenames, in file order."""
-    members: dict[str, list[str]] = {}
+def read_csv(path: Path) -> dict[str, list[tuple[str, int]]]:
+    """wnid -> (filename, line number), in file order."""
+    members: dict[str, list[tuple[str, int]]] = {}
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -48,15 +60,15 @@ def read_csv(path: Path) -> dict[str, list[str]]:
             continue
         if len(row) != 2 or not row[0] or not row[1]:
             raise PrepareError(f"{path}, line {line}: expected 'filename,label', got {row}")
-        members.setdefault(row[1].strip(), []).append(row[0].strip())
+        members.setdefault(row[1].strip(), []).append((row[0].strip(), line))
     return members
 
 
-def _image_path(images: Path, wnid: str, filename: str) -> Path:
-    flat = images / filename
+def _image_path(src: Path, images: Path, wnid: str, filename: str, where: str) -> Path:
+    flat = inside_src(src, images / filename, where)
     if flat.is_file():
         return flat
-    nested = images / wnid / filename
+    nested = inside_src(src, images / wnid / filename, where)
     if nested.is_file():
         return nested
     raise PrepareError(f"{flat}: image listed in the split CSV not found (also looked in "
@@ -67,10 +79,12 @@ def load_from_csv(src: Path, size: int) -> ImageSet:
     images = require_dir(src / "images", "mini-ImageNet layout: SRC/images/<filename>")
     classes = []
     for split, wnids in ravi_split().items():
-        members = read_csv(src / f"{split}.csv")
-        check_split_classes(list(members), wnids, str(src / f"{split}.csv"),
-                            split_file_path("mini_imagenet"))
-        classes += [ClassSpec(w, split, "", [_image_path(images, w, f) for f in members[w]])
+        csv_path = src / f"{split}.csv"
+        members = read_csv(csv_path)
+        check_split_classes(list(members), wnids, str(csv_path), split_file_path("mini_imagenet"))
+        classes += [ClassSpec(w, split, "", [_image_path(src, images, w, f,
+                                                         f"{csv_path}, line {line}")
+                                             for f, line in members[w]])
                     for w in wnids]
     return assemble(classes, lambda p: resize(decode(p, "RGB"), size),
                     (3, size, size), desc="mini-imagenet")

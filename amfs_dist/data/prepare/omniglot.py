@@ -27,9 +27,20 @@ import numpy as np
 import torch
 
 from amfs_dist.data.episodes import ImageSet
-from amfs_dist.data.prepare.common import (ClassSpec, PrepareError, PrepareOptions, assemble,
-                                           check_split_classes, open_image, require_dir, resize,
-                                           split_file_path, split_list, to_tensor)
+from amfs_dist.data.prepare.common import (
+    ClassSpec,
+    PrepareError,
+    PrepareOptions,
+    assemble,
+    check_split_classes,
+    inside_src,
+    open_image,
+    require_dir,
+    resize,
+    split_file_path,
+    split_list,
+    to_tensor,
+)
 
 NATIVE_SIZE = 105
 DEFAULT_SIZE = 28
@@ -124,6 +135,9 @@ def load(src: Path, opts: PrepareOptions) -> tuple[ImageSet, str]:
     roots = {f: require_dir(src / f, f"Omniglot layout: SRC/{f}/<alphabet>/<character>/*.png")
              for f in FOLDERS}
     classes = vinyals_classes(roots, src) if split == "vinyals" else lake_classes(roots)
+    for spec in classes:  # a symlinked alphabet, character or glyph may point anywhere
+        for path in spec.items:
+            inside_src(src, path, f"class '{spec.name}'")
     size = opts.image_size or DEFAULT_SIZE
     data = assemble(classes, lambda path: resize(load_glyph(path), size), (1, size, size),
                     desc="omniglot")
