@@ -2,7 +2,7 @@
 
 The Python API (docs/api.md); the `amfs` commands call these same functions:
 
-    train(config=None, out=None, *, resume_if_exists=False, **overrides) -> Run
+    train_run(config=None, out=None, *, resume_if_exists=False, **overrides) -> Run
     load(run_dir_or_uri) -> Model
     Model.adapt(support_images, support_labels) -> Adapted
     Adapted.predict(query_images) -> (labels, probabilities)
@@ -12,7 +12,7 @@ The Python API (docs/api.md); the `amfs` commands call these same functions:
 Example:
 
     import amfs_dist
-    run = amfs_dist.train(out="runs/demo", train_steps=200)
+    run = amfs_dist.train_run(out="runs/demo", train_steps=200)
     adapted = amfs_dist.load(run.path).adapt(support_images, ["cat", "dog", "cat", "dog"])
     labels, probabilities = adapted.predict(query_images)
 """
@@ -20,8 +20,9 @@ Example:
 __version__ = "0.1.0"
 
 # the API is imported on first use: `import amfs_dist` (and every `amfs` command) stays cheap
+# (not train/evaluate: amfs_dist.train and amfs_dist.evaluate are the package's modules)
 __all__ = ["Adapted", "Model", "Run", "evaluate_run", "image_folder", "load", "query_files",
-           "train"]
+           "train_run"]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """The Python API: train, load a finished run, adapt it to your own classes, predict, evaluate.
 
     import amfs_dist
-    run = amfs_dist.train(out="runs/demo", train_steps=200)      # what `amfs train` does
+    run = amfs_dist.train_run(out="runs/demo", train_steps=200)      # what `amfs train` does
     model = amfs_dist.load(run.path)                             # a run dir or s3:// / gs:// URI
     adapted = model.adapt(support_images, support_labels)        # tensors, PIL images or files
     labels, probabilities = adapted.predict(query_images)
@@ -13,9 +13,10 @@ commands call these same functions (`amfs predict` is load + adapt + predict).
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -24,14 +25,14 @@ from amfs_dist.errors import UserError
 
 # a torch tensor [N, C, H, W] (uint8 0-255 or float in [0, 1]), or a sequence of images each
 # a tensor [C, H, W] / [H, W], a PIL image, or an image file's path
-Images = Union[torch.Tensor, Sequence[Any]]
+Images = torch.Tensor | Sequence[Any]
 
 # PIL modes read as one grey channel; every other mode is read as RGB
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 # predict() runs the queries in chunks of this many: support-set batch-norm statistics make
 # each query's prediction independent of the others, so chunking changes nothing but memory
 QUERY_CHUNK = 512
-# train(train_steps=10) is train(**{"train.steps": 10}): each key with its dots as underscores
+# train_run(train_steps=10) is train_run(**{"train.steps": 10}): each key with its dots as underscores
 _KEY_BY_KWARG = {key.replace(".", "_"): key for key in SCHEMA}
 
 
@@ -59,7 +60,7 @@ class Run:
         return load(self.path)
 
 
-def train(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
+def train_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
           resume_if_exists: bool = False, progress: bool = False, **overrides: Any) -> Run:
     """Meta-train and evaluate on the test split: what `amfs train` does.
 
@@ -91,7 +92,7 @@ def evaluate_run(run: Run | str | Path, episodes: int | None = None,
     """Evaluate a finished run on test episodes: what `amfs eval` does, the same dict.
 
     data_source: another data set (a store, local or at a URI) for a cross-domain test;
-    overrides: config keys as for train (e.g. eval_queries=5, maml_test_steps=20).
+    overrides: config keys as for train_run (e.g. eval_queries=5, maml_test_steps=20).
     """
     from amfs_dist.evaluate import eval_run
 
