@@ -16,6 +16,7 @@ import torch
 from conftest import TINY
 from PIL import Image
 from test_cli_bad_input import snapshot, write
+from test_storage import BUCKET, s3  # noqa: F401 (s3: the fixture of a local S3 server)
 
 import amfs_dist
 from amfs_dist.cli import main
@@ -136,6 +137,23 @@ def test_predict_prints_and_writes_each_query_and_its_probabilities(runs, folder
     assert main(["predict", runs["amfs"], "--support", str(folders / "support"),
                  "--query", str(listed)]) == 0
     assert list(csv.DictReader(io.StringIO(capsys.readouterr().out))) == printed[:2]
+
+
+def test_predict_with_a_run_on_s3(s3, runs, folders, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import pyarrow.fs as pafs
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    argv = ["--support", str(folders / "support"), "--query", str(folders / "query")]
+    assert main(["predict", runs["r2d2"], *argv]) == 0
+    local = capsys.readouterr().out
+    pafs.copy_files(runs["r2d2"], f"{BUCKET}/predict/r2d2", destination_filesystem=s3)
+    assert main(["predict", f"s3://{BUCKET}/predict/r2d2", *argv]) == 0
+    assert capsys.readouterr().out == local
+    s3.delete_file(f"{BUCKET}/predict/r2d2/model.pt")
+    assert main(["predict", f"s3://{BUCKET}/predict/r2d2", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"amfs: error: s3://{BUCKET}/predict/r2d2: no model.pt; the run has "
+                          f"not finished") and len(err.splitlines()) == 1
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []  # local copies are removed
 
 
 def _support(tmp, classes=("a", "b"), images=2):
