@@ -269,3 +269,16 @@ def test_import_is_cheap_and_help_shows_the_api():
     for name in ("train_run(", "load(", "evaluate_run(", "class Model", "class Adapted", "adapt(",
                  "predict("):
         assert name in text, name
+
+
+def test_bench_adapt_times_each_head_through_the_api(runs, capsys):
+    assert main(["bench", "adapt", "--methods", "protonet,maml", "--shots", "1,2", "--tasks", "3",
+                 "--warmup", "0", "--run", f"protonet={runs['protonet']}",
+                 "--run", f"maml={runs['maml']}", "eval.queries=2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["method"], r["shots"]) for r in rows] == [("protonet", 1), ("protonet", 2),
+                                                         ("maml", 1), ("maml", 2)]
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["tasks"] == 3 and r["queries_per_task"] == 6
+    assert main(["bench", "adapt", "--methods", "amfs", "--run", "maml=x"]) == 2
+    assert "--run" in capsys.readouterr().err
