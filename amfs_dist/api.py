@@ -150,15 +150,19 @@ class Model:
 
     def images(self, images: Images) -> torch.Tensor:
         """Images as float [N, C, H, W] in [0, 1] of this model's input shape."""
+        self._require_images()
+        return to_input(images, self.input_shape)
+
+    def _require_images(self) -> None:
         if len(self.input_shape) != 3:
             raise UserError(f"{self.path}: a regression run (data.source="
                             f"{self.cfg.data.source}) takes points, not images")
-        return to_input(images, self.input_shape)
 
     def adapt(self, support_images: Images, support_labels: Sequence[Hashable] | torch.Tensor
               ) -> Adapted:
         """Adapt to a support set: one image per label, at least 2 classes, any labels (the
         classes are the distinct labels, in order of first appearance)."""
+        self._require_images()
         labels = (support_labels.tolist() if isinstance(support_labels, torch.Tensor)
                   else list(support_labels))
         classes = list(dict.fromkeys(labels))
