@@ -1,4 +1,4 @@
-"""The `amfs` command line: train, eval, status, data, tune, experiment, bench.
+"""The `amfs` command line: train, eval, predict, status, data, tune, experiment, bench.
 
 Each command lives in its own module exposing register(subparsers); the parser it adds sets
 func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2.
@@ -14,6 +14,7 @@ from amfs_dist.errors import RunStopped, UserError
 COMMAND_MODULES = [
     "amfs_dist.commands.train",
     "amfs_dist.commands.eval",
+    "amfs_dist.commands.predict",
     "amfs_dist.commands.status",
     "amfs_dist.data.cli",
     "amfs_dist.tune.cli",

@@ -76,9 +76,19 @@ def resolve_device(cfg) -> str:
 
 
 def eval_run(run_dir: str | Path, episodes: int | None = None,
-             overrides: list[str] | None = None, progress: bool = False) -> dict:
+             overrides: list[str] | dict | None = None, progress: bool = False,
+             data_source: str | None = None) -> dict:
+    """The test-split evaluation of a finished run (local or s3:// / gs://): the one function
+    behind `amfs eval`, a sweep's best run and amfs_dist.evaluate_run.
+
+    episodes: test episodes (default eval.episodes); data_source: evaluate on another data
+    set (cross-domain: its images are converted to the run's input shape); overrides:
+    key=value strings or a {dotted key: value} dict applied to the run's config.
+    """
     from amfs_dist.data import make_task_source
     from amfs_dist.storage import is_uri, staged_run
+    if data_source is not None:
+        overrides = _with_data_source(overrides, data_source)
     if is_uri(run_dir):  # a run on object storage: evaluate a local copy of what it needs
         with staged_run(str(run_dir), ("config.yaml", "model.pt")) as remote:
             return {**eval_run(remote.local, episodes, overrides, progress), "run": str(run_dir)}
@@ -87,12 +97,19 @@ def eval_run(run_dir: str | Path, episodes: int | None = None,
     n = episodes or cfg.eval.episodes
     stats = evaluate_episodes(learner, source, "test", n, cfg.eval.queries, cfg.eval.batch,
                               progress=progress)
-    return {"run": str(run_dir), "method": cfg.method_name, "data_source": cfg.data.source,
+    return {"run": str(run_dir), "method": cfg.method_name, "inner": cfg.inner_loop,
+            "outer": cfg.outer_weighting, "data_source": cfg.data.source,
             "ways": cfg.data.ways, "shots": cfg.data.shots,
             "test_accuracy": stats["accuracy"], "test_ci95": stats["ci95"],
             "test_episodes": n, "test_loss": stats["loss"],
             "adapt_ms_per_task": stats["adapt_ms_per_task"],
             **({"test_mse": stats["mse"]} if "mse" in stats else {})}
+
+
+def _with_data_source(overrides: list[str] | dict | None, data_source: str) -> list[str] | dict:
+    if isinstance(overrides, dict):
+        return {**overrides, "data.source": data_source}
+    return [*(overrides or []), f"data.source={data_source}"]
 
 
 def print_json(obj: dict) -> None:

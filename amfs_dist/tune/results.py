@@ -211,18 +211,23 @@ def plot(records: list[TrialRecord], spec: SweepSpec, best: TrialRecord | None, 
     plt.close(fig)
 
 
-def evaluate_run_dir(run_dir: str, episodes: int | None) -> dict:
-    """Test-split evaluation of a trial checkpoint copied into run_dir; writes model.pt and
-    result.json there (the files `amfs eval` reads) and returns the result."""
-    from amfs_dist.config import load_config
-    from amfs_dist.train import Trainer, finish_run
+def evaluate_trial_run(run_dir: str, episodes: int | None) -> dict:
+    """Finish the trial run copied into run_dir as training finishes a run: model.pt from its
+    checkpoint's parameters, the test-split evaluation every finished run gets (eval_run, as
+    `amfs eval`), written as result.json; returns the result."""
+    import torch
+
+    from amfs_dist.evaluate import eval_run
+    from amfs_dist.runs import load_torch_file
 
     t0 = time.perf_counter()
     run = Path(run_dir)
-    cfg = load_config(run / "config.yaml", [f"eval.episodes={episodes}"] if episodes else None)
-    trainer = Trainer(cfg, run)
-    trainer.load_checkpoint()
-    return finish_run(trainer, t0)
+    state = load_torch_file(run / "checkpoint.pt", ("model", "input_shape", "step"), "checkpoint")
+    torch.save({"model": state["model"], "input_shape": state["input_shape"]}, run / "model.pt")
+    result = {k: v for k, v in eval_run(run, episodes).items() if k != "run"}
+    result.update(meta_steps=int(state["step"]), wall_s=round(time.perf_counter() - t0, 3))
+    (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def evaluate_best(best: TrialRecord, spec: SweepSpec, out: Path) -> dict:
@@ -245,9 +250,9 @@ def evaluate_best(best: TrialRecord, spec: SweepSpec, out: Path) -> dict:
     if gpus:
         import ray
         task = ray.remote(num_cpus=spec.settings.trial_cpus, num_gpus=min(1.0, float(gpus)))(
-            evaluate_run_dir)
+            evaluate_trial_run)
         return ray.get(task.remote(str(run), episodes))
-    return evaluate_run_dir(str(run), episodes)
+    return evaluate_trial_run(str(run), episodes)
 
 
 def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s: float) -> dict:
