@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from amfs_dist import stopping
 from amfs_dist.errors import RunStopped, UserError
 
 COMMAND_MODULES = [
@@ -39,12 +40,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
-        return int(args.func(args) or 0)
+        with stopping.raising():  # TERM and USR1 stop a command as Ctrl-C does
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"amfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except RunStopped as e:
         print(f"amfs: {e}", file=sys.stderr)
+        return e.exit_code
+    except stopping.StopRequested as e:
+        print(f"amfs: stopped by {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("amfs: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from amfs_dist import stopping
 from amfs_dist.errors import UserError
 
 EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
@@ -36,6 +37,7 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
             ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
+    stopping.reinstall()  # Ray's native TERM handler aborts the process (SIGABRT, no message)
     return True
 
 
@@ -84,6 +86,43 @@ def start_private_ray(**init_kwargs) -> None:
         raise RuntimeError(f"the private Ray instance came up on {host}, not on 127.0.0.1; "
                            f"refusing to run an instance other machines can reach (set "
                            f"RAY_ADDRESS to use a cluster of your own)")
+    _reap_when_gone()
+
+
+# Reads stdin to its end (the driver has exited, however it died), then SIGKILLs every process
+# of the driver's raylet: they carry RAY_RAYLET_PID=<its pid> in their environment.
+_REAPER = r'''
+import os, signal, sys
+sys.stdin.buffer.read()
+mark = b"RAY_RAYLET_PID=" + sys.argv[1].encode()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if mark in f.read().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+    except OSError:
+        pass
+'''
+
+
+def _reap_when_gone() -> None:
+    """Ray's own processes die with a SIGKILLed driver (Ray sets PR_SET_PDEATHSIG on them),
+    but the agents its raylet starts (DashboardAgent, RuntimeEnvAgent) outlive it for ever: a
+    small reaper, whose stdin only this process holds open, kills them once it is gone."""
+    import subprocess
+    import sys
+
+    import psutil
+    raylets = [p.pid for p in psutil.Process().children() if p.name() == "raylet"]
+    for raylet in raylets:
+        # its own session: a Ctrl-C to the terminal's process group must not end it first
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(raylet)],
+                                  stdin=subprocess.PIPE, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _reapers.append(reaper)  # its stdin stays open while this process lives
+
+
+_reapers: list = []
 
 
 @contextmanager

@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.experiment.spec import Cell, ExperimentSpec
+from amfs_dist.stopping import StopRequested
 
 MANIFEST = "experiment.json"
 CELLS = "cells"
 CELL_FILE = "cell.json"
+CANCEL_WAIT_S = 20  # for stopped cells to checkpoint: within Kubernetes' and Slurm's 30 s grace
 
 
 class ExperimentFailed(UserError):
@@ -198,9 +200,15 @@ def _run_cells(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
                 bar.write(f"cell {cell.name} failed: {failed[cell.name]}")
             bar.update(1)
             bar.set_postfix_str(cell.name)
-    except BaseException:
+    except BaseException as e:
         for ref in pending:  # a cancelled cell saves its checkpoint: a rerun resumes it
             ray.cancel(ref)
+        # ... once it has written it: Ray ends with this command
+        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        if isinstance(e, StopRequested):
+            raise RunStopped(f"experiment stopped by {e}: {len(pending)} running cell(s) "
+                             f"checkpointed, finished cells kept; continue with the same "
+                             f"command (--out {out})", e.signum) from None
         raise
     finally:
         bar.close()
