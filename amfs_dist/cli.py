@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"amfs: {e}", file=sys.stderr)
         return e.exit_code
-    except stopping.StopRequested as e:
-        print(f"amfs: stopped by {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("amfs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stop = stopping.as_stop(e)
+        if stop is None:
+            print("amfs: interrupted", file=sys.stderr)
+            return 130
+        print(f"amfs: stopped by {stop}", file=sys.stderr)
+        return stop.exit_code

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 _installed = False
+_received: int | None = None  # the signal raise_on_stop last turned into StopRequested
 
 
 class StopRequested(KeyboardInterrupt):
@@ -35,19 +36,31 @@ def signal_name(signum: int) -> str:
 
 
 def raise_on_stop(signum, frame):
+    global _received
+    _received = signum
     raise StopRequested(signum)
+
+
+def as_stop(e: BaseException) -> StopRequested | None:
+    """The StopRequested that `e` is or stands for: Ray's waits (ray.get, ray.wait) turn the
+    exception a signal handler raises into a plain KeyboardInterrupt."""
+    if isinstance(e, StopRequested):
+        return e
+    if isinstance(e, KeyboardInterrupt) and _received is not None:
+        return StopRequested(_received)
+    return None
 
 
 @contextmanager
 def raising():
     """Within the block, every stop signal raises StopRequested in the main thread (elsewhere
     handlers cannot be set: nothing changes); the previous handlers come back after it."""
-    global _installed
+    global _installed, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.signal(s, raise_on_stop) for s in STOP_SIGNALS}
-    _installed = True
+    _installed, _received = True, None
     try:
         yield
     finally:

@@ -32,7 +32,8 @@ from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingErr
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 from amfs_dist.runs import (check_new_run_dir, load_module_state, load_torch_file, make_run_dir,
                              read_metrics)
-from amfs_dist.stopping import STOP_SIGNALS, StopRequested, signal_name
+from amfs_dist.stopping import (STOP_SIGNALS, StopRequested, as_stop, raise_on_stop,
+                                 signal_name)
 from amfs_dist.storage import is_uri, staged_run
 
 CHECKPOINT = "checkpoint.pt"
@@ -202,11 +203,11 @@ class Trainer:
             if self.stop_signal is None:
                 self.stop_signal = signum
                 if self._validating:  # hundreds of episodes, none of them worth the wait
-                    raise StopRequested(signum)
+                    raise_on_stop(signum, frame)
             elif self._updating:  # parameters half updated: stop right after the update
                 self._stop_now = True
             else:
-                raise StopRequested(signum)
+                raise_on_stop(signum, frame)
 
         previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         try:
@@ -363,10 +364,13 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         trainer.close()
     try:
         return finish_run(trainer, started, progress, resumed=resume is not None)
-    except StopRequested as e:
-        raise RunStopped(f"stopped by {e} during the final test; every step is checkpointed: "
-                         f"run the test with `amfs train --resume {trainer.location}`",
-                         e.signum) from None
+    except KeyboardInterrupt as e:
+        stop = as_stop(e)
+        if stop is None:
+            raise
+        raise RunStopped(f"stopped by {stop} during the final test; every step is checkpointed"
+                         f": run the test with `amfs train --resume {trainer.location}`",
+                         stop.signum) from None
 
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:

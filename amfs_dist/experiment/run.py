@@ -18,7 +18,7 @@ from pathlib import Path
 
 from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.experiment.spec import Cell, ExperimentSpec
-from amfs_dist.stopping import StopRequested
+from amfs_dist.stopping import as_stop
 
 MANIFEST = "experiment.json"
 CELLS = "cells"
@@ -205,10 +205,11 @@ def _run_cells(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
             ray.cancel(ref)
         # ... once it has written it: Ray ends with this command
         ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
-        if isinstance(e, StopRequested):
-            raise RunStopped(f"experiment stopped by {e}: {len(pending)} running cell(s) "
+        stop = as_stop(e)
+        if stop is not None:
+            raise RunStopped(f"experiment stopped by {stop}: {len(pending)} running cell(s) "
                              f"checkpointed, finished cells kept; continue with the same "
-                             f"command (--out {out})", e.signum) from None
+                             f"command (--out {out})", stop.signum) from None
         raise
     finally:
         bar.close()

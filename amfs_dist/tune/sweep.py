@@ -237,6 +237,29 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
         return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
 
 
+def start_or_resume_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
+                          allow_pickle: bool = False) -> dict:
+    """`amfs tune --out OUT --resume-if-exists`, for launchers that may run the same command
+    twice (a Slurm requeue, a resubmit): continue the sweep in `out` when it holds this very
+    sweep (the same resolved sweep.yaml), else start it there."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            stored = remote.local / SWEEP_FILE
+            held = load_sweep(stored, check_paths=False) if stored.is_file() else None
+    else:
+        stored = Path(out) / SWEEP_FILE
+        held = load_sweep(stored, check_paths=False) if stored.is_file() else None
+    if held is None:
+        return run_sweep(spec, out, progress)
+    if held.to_yaml_dict() != spec.to_yaml_dict():
+        differ = sorted(k for k in ("base", "search", "sweep")
+                        if held.to_yaml_dict()[k] != spec.to_yaml_dict()[k])
+        raise UserError(f"--out {out}: holds another sweep (its {SWEEP_FILE} differs in "
+                        f"{', '.join(differ)}); continue it as it is with `amfs tune --resume "
+                        f"{out} --allow-pickle`, or choose another --out")
+    return resume_sweep(out, progress, allow_pickle=allow_pickle)
+
+
 def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
                  allow_pickle: bool = False, storage: str | None = None) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
