@@ -94,7 +94,10 @@ def test_shard_is_round_robin():
 def test_pick_device(monkeypatch):
     cfg = cfg_of()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device(cfg, assigned_gpus=["0"]).type == "cpu"  # GPU given, no CUDA: fall back
+    with pytest.raises(TrainingError, match=r"given GPU\(s\) \['0'\] but CUDA does not work.*"
+                                            r"NVIDIA driver 580"):
+        pick_device(cfg, assigned_gpus=["0"])  # never a silent fall back to the CPU
+    assert pick_device(cfg.replace(**{"train.device": "cpu"}), assigned_gpus=["0"]).type == "cpu"
     assert pick_device(cfg, assigned_gpus=[]).type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device(cfg, assigned_gpus=["3"]) == torch.device("cuda", 0)  # Ray remaps to 0
