@@ -20,6 +20,7 @@ from amfs_dist import stopping
 from amfs_dist.errors import UserError
 
 EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
+RAY_CONNECT_TIMEOUT_S = 30  # for RAY_ADDRESS's cluster to accept connections (cluster/README.md)
 
 
 def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **local) -> bool:
@@ -31,6 +32,7 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:  # asked for: its auth mode is that cluster's business
+        check_reachable(address)
         # a private instance on 127.0.0.1 (this module's, or a loopback `ray start`) is joined
         # as one: otherwise Ray turns 127.0.0.1 into the machine's outward address
         with _loopback_node() if _is_loopback(_host(address)) else nullcontext():
@@ -39,6 +41,43 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
     stopping.reinstall()  # Ray's native TERM handler aborts the process (SIGABRT, no message)
     return True
+
+
+def check_reachable(address: str | None = None, timeout_s: float | None = None) -> None:
+    """Refuse `address` (default: RAY_ADDRESS, if set) when nothing accepts connections at it
+    for timeout_s (default AMFS_RAY_CONNECT_TIMEOUT_S, else RAY_CONNECT_TIMEOUT_S): ray.init
+    would retry a cluster that is down for about 8 minutes, printing only warnings. 'auto'
+    (Ray finds the address) is left to Ray. Commands call it before they write anything."""
+    import socket
+    import sys
+    import time
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    host_port = address.split("://")[-1].split("/")[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', or a form Ray resolves itself
+    host = host.strip("[]")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("AMFS_RAY_CONNECT_TIMEOUT_S", RAY_CONNECT_TIMEOUT_S))
+    started, said = time.monotonic(), False  # awaited, and for how long
+    deadline = started + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({why}) "
+                            f"after {timeout_s:g} s; start it, or unset RAY_ADDRESS to run on "
+                            f"a Ray instance of this command's own")
+        if not said and time.monotonic() > started + 5:  # a head (re)starting: say what is
+            print(f"amfs: waiting up to {timeout_s:g} s for the Ray cluster at {address} "
+                  f"({why})", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(1.0)
 
 
 @contextmanager

@@ -133,8 +133,11 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, progress: bool = True)
     """Run every unfinished cell on Ray, then write the results; returns the summary."""
     from amfs_dist.experiment.report import write_results
 
+    from amfs_dist.distributed.cluster import check_reachable
+
     out = Path(out).resolve()
     cells = spec.cells()
+    check_reachable()  # a RAY_ADDRESS where no cluster answers: before --out is written
     prepare_dir(spec, out, cells)
     todo = [c for c in cells if not cell_done(out, c, eval_overrides(spec, c))]
     t0 = time.perf_counter()
