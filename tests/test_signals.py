@@ -189,3 +189,30 @@ def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["test_episodes"] == 6
+
+
+# SIGTERM to `amfs data prepare` while it writes the store (sent from inside the Arrow write, so
+# that it comes exactly then), through the real command line in a subprocess
+PREPARE_TERMINATED_IN_WRITE = """
+import os, signal, sys
+import pyarrow.ipc
+real = pyarrow.ipc.new_file
+def new_file(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+pyarrow.ipc.new_file = new_file
+from amfs_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_data_prepare_removes_its_temporary_store(tmp_path):
+    from test_data_prepare import lake_tree
+    src, out = lake_tree(tmp_path / "src"), tmp_path / "stores" / "omniglot"
+    done = subprocess.run([sys.executable, "-c", PREPARE_TERMINATED_IN_WRITE, "data", "prepare",
+                           "omniglot", "--split", "lake", "--src", str(src), "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "amfs: stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no .omniglot.tmp-* left behind
