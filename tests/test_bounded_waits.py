@@ -77,3 +77,16 @@ def test_a_wait_that_cannot_end_well_is_one_line_in_bounded_time(argv, env, name
     assert named in lines[0], err
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("cache")} == {
         k: v for k, v in before.items() if not k.startswith("cache")}
+
+
+def test_a_wait_for_the_autoscaler_says_what_it_waits_for(monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    from amfs_dist.distributed import cluster
+    monkeypatch.setattr(cluster, "_autoscaling_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cluster.check_resources([{"CPU": 1.0, "GPU": 1.0}] * 2, "dist.workers=2")
+    err = capsys.readouterr().err
+    assert "dist.workers=2 asks for 2 CPU, 2 GPU" in err and "0 GPU now" in err, err
+    assert "waiting for its autoscaler" in err and "dist.timeout_s" in err, err
+    cluster.check_resources([{"CPU": 1.0}], "dist.workers=1")  # fits now: nothing to say
+    assert capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ from amfs_dist import stopping
 from amfs_dist.errors import UserError
 
 EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
+AUTOSCALER_WAIT = ("shard workers wait at most dist.timeout_s, a sweep's trials and an "
+                   "experiment's cells until they are placed; a stop signal ends the wait")
 RAY_CONNECT_TIMEOUT_S = 30  # for RAY_ADDRESS's cluster to accept connections (cluster/README.md)
 
 
@@ -204,6 +206,13 @@ def check_resources(bundles: list[dict[str, float]], what: str) -> None:
         if any(v > maximum.get(k, 0.0) + EPS for k, v in need.items()):
             raise UserError(f"{asked}, but this autoscaling cluster grows to at most "
                             f"{_fmt({k: maximum.get(k, 0.0) for k in need})}")
+        now = ray.cluster_resources()
+        if any(v > now.get(k, 0.0) + EPS for k, v in need.items()):  # a legitimate wait: say so
+            import sys
+            print(f"amfs: {asked}; the cluster has {_fmt({k: now.get(k, 0.0) for k in need})} "
+                  f"now: waiting for its autoscaler to add nodes (it can grow to "
+                  f"{_fmt({k: maximum.get(k, 0.0) for k in need})}); {AUTOSCALER_WAIT}",
+                  file=sys.stderr, flush=True)
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
