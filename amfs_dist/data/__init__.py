@@ -201,7 +201,10 @@ def check_model_memory(cfg: Config, source: TaskSource, training: bool = True) -
     if free is None:
         return
     shape = tuple(source.input_shape)
-    params, per_input = model_footprint(cfg, shape)
+    try:
+        params, per_input = model_footprint(cfg, shape)
+    except (RuntimeError, ValueError):  # e.g. an input too small for the backbone: the model
+        return                          # itself says so, naming the key
     # activations are in this machine's memory only when this process computes, on its CPU
     here = (not training or cfg.dist.workers == 0) and (
         cfg.train.device == "cpu" or (cfg.train.device == "auto"
