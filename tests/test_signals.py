@@ -216,3 +216,23 @@ def test_sigterm_during_data_prepare_removes_its_temporary_store(tmp_path):
     assert "amfs: stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no .omniglot.tmp-* left behind
+
+
+def test_a_stop_signal_ends_a_wait_for_ray(tmp_path):
+    # RAY_ADDRESS where nothing answers, waited for up to 10 minutes: SIGTERM ends the wait
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start(CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log,
+                  _env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600"))
+    try:
+        _wait_for(proc, lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), log)
+        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, output[-3000:]
+    assert "amfs: stopped by SIGTERM" in output and "Traceback" not in output, output
+    assert not run.exists()
