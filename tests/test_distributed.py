@@ -200,7 +200,10 @@ def test_nan_tasks_are_dropped_and_bad_steps_stop_the_run_in_process(tmp_path):
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_same_parameters_whatever_the_worker_count(ray_session, reference, tmp_path, workers):
-    cfg = cfg_of(f"dist.workers={workers}", "dist.gpus_per_worker=0.5")
+    # the session cluster's GPUs are for placement only where CUDA is absent: a worker given
+    # one computes on the CPU only when told to (else it fails: test_pick_device)
+    cpu = [] if torch.cuda.is_available() else ["train.device=cpu"]
+    cfg = cfg_of(f"dist.workers={workers}", "dist.gpus_per_worker=0.5", *cpu)
     trainer = Trainer(cfg, tmp_path)
     try:
         trainer.fit(progress=False)
@@ -208,7 +211,7 @@ def test_same_parameters_whatever_the_worker_count(ray_session, reference, tmp_p
     finally:
         trainer.close()
     assert_same_params(trainer.learner.module.state_dict(), reference)
-    # placement: each worker got half a logical GPU; with no CUDA it computes on the CPU
+    # placement: each worker got half a logical GPU; with no CUDA it computes on the CPU, as told
     assert len(info) == workers and all(i["gpu_ids"] for i in info.values())
     assert all(i["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") for i in info.values())
     row = metrics(tmp_path)[-1]
