@@ -154,6 +154,7 @@ def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
     assert "val_accuracy" not in metrics(run)[-1]
 
 
+@pytest.mark.slow  # three commands in subprocesses
 def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
     run, log, env = tmp_path / "run", tmp_path / "run.log", _env()
     args = TINY + ["train.steps=3", f"eval.episodes={ENDLESS}"]
