@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from amfs_dist import stopping
 from amfs_dist.errors import RunStopped, UserError
 
 COMMAND_MODULES = [
@@ -40,13 +41,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
-        return int(args.func(args) or 0)
+        with stopping.raising():  # TERM and USR1 stop a command as Ctrl-C does
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"amfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except RunStopped as e:
         print(f"amfs: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("amfs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stop = stopping.as_stop(e)
+        if stop is None:
+            print("amfs: interrupted", file=sys.stderr)
+            return 130
+        print(f"amfs: stopped by {stop}", file=sys.stderr)
+        return stop.exit_code

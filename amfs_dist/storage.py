@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,6 +32,9 @@ from amfs_dist.errors import UserError
 from amfs_dist.runs import MARKER
 
 SCHEMES = ("s3", "gs", "gcs")
+# How long a GCS request is retried (no network, no credentials: each attempt fails): the
+# command then fails with one line after about twice this (docs: README, object storage)
+GCS_RETRY_TIME_LIMIT = timedelta(seconds=10)
 # the order they are pushed in: result.json last, it says the run is complete
 RUN_FILES = (MARKER, "config.yaml", "checkpoint.pt", "metrics.jsonl", "model.pt", "result.json")
 
@@ -53,6 +57,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"{uri}: {_first_line(e)}") from None
+    if isinstance(fs, pafs.GcsFileSystem):  # its default: retry for 15 minutes, silently
+        rebuild, (options,) = fs.__reduce__()
+        fs = rebuild({**options, "retry_time_limit": GCS_RETRY_TIME_LIMIT})
     return fs, path.rstrip("/")
 
 

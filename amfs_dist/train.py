@@ -32,13 +32,12 @@ from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingErr
 from amfs_dist.evaluate import evaluate_episodes, resolve_device
 from amfs_dist.runs import (check_new_run_dir, load_module_state, load_torch_file, make_run_dir,
                              read_metrics)
+from amfs_dist.stopping import (STOP_SIGNALS, StopRequested, as_stop, raise_on_stop,
+                                 signal_name)
 from amfs_dist.storage import is_uri, staged_run
 
 CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
-# Slurm (USR1 before the time limit, TERM on preemption), Kubernetes and `ray job stop` (TERM)
-# and Ctrl-C (INT) all mean: finish this step, checkpoint, exit
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -71,6 +70,7 @@ class Trainer:
         self._backend = backend
         self.stop_signal: int | None = None
         self._updating = self._stop_now = False  # a second stop signal waits for the update
+        self._validating = False  # a stop signal ends a validation at once
         self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
         self._synced_step = None  # an update-owning backend's replicas are at this step
         self._pulled_step = None  # ... and this trainer's copy was fetched at this step
@@ -167,7 +167,7 @@ class Trainer:
         self.step += 1
         self._updating = False
         if self._stop_now:
-            raise KeyboardInterrupt
+            raise StopRequested(self.stop_signal)
         return res
 
     def metrics_row(self, res: StepResult) -> dict:
@@ -188,9 +188,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def stop_at_step_boundary(self):
-        """While training, a stop signal ends the current step, then checkpoints and stops.
+        """While training, a stop signal ends the current step, then checkpoints and stops;
+        a validation it ends at once (the step's row is logged without it).
 
-        A second signal stops at once (KeyboardInterrupt): the checkpoint then holds the last
+        A second signal stops at once (StopRequested): the checkpoint then holds the last
         finished step. Handlers can only be set from the main thread (a Tune trial runs fit in
         another one, and Tune stops it its own way), so elsewhere this does nothing.
         """
@@ -201,10 +202,12 @@ class Trainer:
         def on_signal(signum, frame):
             if self.stop_signal is None:
                 self.stop_signal = signum
+                if self._validating:  # hundreds of episodes, none of them worth the wait
+                    raise_on_stop(signum, frame)
             elif self._updating:  # parameters half updated: stop right after the update
                 self._stop_now = True
             else:
-                raise KeyboardInterrupt
+                raise_on_stop(signum, frame)
 
         previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         try:
@@ -219,6 +222,16 @@ class Trainer:
         return evaluate_episodes(self.learner, self.source, "val", t.val_episodes,
                                  self.cfg.eval.queries, self.cfg.eval.batch)
 
+    def _stoppable_validation(self) -> dict | None:
+        """validate(); None when a stop signal ended it."""
+        try:
+            self._validating = True
+            return self.validate()
+        except StopRequested:
+            return None
+        finally:
+            self._validating = False
+
     def fit(self, progress: bool = True, on_step: Callable[["Trainer", dict], None] | None = None,
             on_validation: Callable[["Trainer", dict], None] | None = None) -> None:
         t = self.cfg.train
@@ -232,11 +245,12 @@ class Trainer:
                 while self.step < t.steps:
                     res = self.train_step()
                     row = self.metrics_row(res)
-                    if t.val_every and self.step % t.val_every == 0:
-                        val = self.validate()
-                        row["val_accuracy"], row["val_loss"] = val["accuracy"], val["loss"]
-                        if on_validation:
-                            on_validation(self, row)
+                    if t.val_every and self.step % t.val_every == 0 and self.stop_signal is None:
+                        val = self._stoppable_validation()
+                        if val is not None:
+                            row["val_accuracy"], row["val_loss"] = val["accuracy"], val["loss"]
+                            if on_validation:
+                                on_validation(self, row)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     if self.bad_streak >= t.max_bad_steps:
@@ -252,8 +266,8 @@ class Trainer:
                                          if row.get(v) is not None})
                     if on_step:
                         on_step(self, row)
-                    if self.stop_signal is not None and self.step < t.steps:
-                        name = signal.Signals(self.stop_signal).name
+                    if self.stop_signal is not None:  # the last step's too: the test can wait
+                        name = signal_name(self.stop_signal)
                         raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
                                          f"saved: resume with `amfs train --resume "
                                          f"{self.location}`",
@@ -348,7 +362,15 @@ def run_training(cfg: Config | None = None, out: str | Path | None = None,
         trainer.fit(progress=progress, on_step=on_step, on_validation=on_validation)
     finally:
         trainer.close()
-    return finish_run(trainer, started, progress, resumed=resume is not None)
+    try:
+        return finish_run(trainer, started, progress, resumed=resume is not None)
+    except KeyboardInterrupt as e:
+        stop = as_stop(e)
+        if stop is None:
+            raise
+        raise RunStopped(f"stopped by {stop} during the final test; every step is checkpointed"
+                         f": run the test with `amfs train --resume {trainer.location}`",
+                         stop.signum) from None
 
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from PIL import Image
-from test_cli_bad_input import snapshot, write
-from test_storage import BUCKET, s3  # noqa: F401 (s3: the fixture of a local S3 server)
 
 import amfs_dist
 from amfs_dist.cli import main
@@ -25,6 +22,9 @@ from amfs_dist.data import make_task_source
 from amfs_dist.data.convert import image_converter
 from amfs_dist.data.synthetic import glyph_images
 from amfs_dist.errors import UserError
+from conftest import TINY
+from test_cli_bad_input import snapshot, write
+from test_storage import BUCKET, s3  # noqa: F401 (s3: the fixture of a local S3 server)
 
 SETTINGS = dict(parse_override(o) for o in TINY)
 HEADS_FROM_THE_SUPPORT_SET = ("amfs", "protonet", "r2d2")

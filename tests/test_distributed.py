@@ -52,7 +52,10 @@ def test_shard_is_round_robin():
 def test_pick_device(monkeypatch):
     cfg = cfg_of()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_device(cfg, assigned_gpus=["0"]).type == "cpu"  # GPU given, no CUDA: fall back
+    with pytest.raises(TrainingError, match=r"given GPU\(s\) \['0'\] but CUDA does not work.*"
+                                            r"NVIDIA driver 580"):
+        pick_device(cfg, assigned_gpus=["0"])  # never a silent fall back to the CPU
+    assert pick_device(cfg.replace(**{"train.device": "cpu"}), assigned_gpus=["0"]).type == "cpu"
     assert pick_device(cfg, assigned_gpus=[]).type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device(cfg, assigned_gpus=["3"]) == torch.device("cuda", 0)  # Ray remaps to 0
@@ -155,7 +158,10 @@ def test_nan_tasks_are_dropped_and_bad_steps_stop_the_run_in_process(tmp_path):
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_same_parameters_whatever_the_worker_count(ray_session, reference, tmp_path, workers):
-    cfg = cfg_of(f"dist.workers={workers}", "dist.gpus_per_worker=0.5")
+    # the session cluster's GPUs are for placement only where CUDA is absent: a worker given
+    # one computes on the CPU only when told to (else it fails: test_pick_device)
+    cpu = [] if torch.cuda.is_available() else ["train.device=cpu"]
+    cfg = cfg_of(f"dist.workers={workers}", "dist.gpus_per_worker=0.5", *cpu)
     trainer = Trainer(cfg, tmp_path)
     try:
         trainer.fit(progress=False)
@@ -163,7 +169,7 @@ def test_same_parameters_whatever_the_worker_count(ray_session, reference, tmp_p
     finally:
         trainer.close()
     assert_same_params(trainer.learner.module.state_dict(), reference)
-    # placement: each worker got half a logical GPU; with no CUDA it computes on the CPU
+    # placement: each worker got half a logical GPU; with no CUDA it computes on the CPU, as told
     assert len(info) == workers and all(i["gpu_ids"] for i in info.values())
     assert all(i["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") for i in info.values())
     row = metrics(tmp_path)[-1]

@@ -3,6 +3,7 @@ the time limit) end the current step, checkpoint and exit; `--resume` then ends 
 parameters of an uninterrupted run. Through the CLI, in a subprocess, as a scheduler would."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,150 @@ def test_sigterm_checkpoints_with_workers_and_resume_matches(ray_session, tmp_pa
     resume_to_the_end(CMD, run, env, STEPS, timeout=300)
     reference = train_in_process(load_config(None, ARGS), tmp_path / "reference")
     assert_same_params(model_state(run), reference, atol=1e-5)
+
+
+# -- a stop signal ends whatever runs within seconds ----------------------------------------------
+# Kubernetes and Slurm send SIGKILL 30 s after SIGTERM; a loaded 2-core machine gets some slack
+STOP_DEADLINE_S = 60
+ENDLESS = 10**6  # episodes: hours of evaluation
+
+
+def _start(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    log = log_path.open("w")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def _wait_for(proc: subprocess.Popen, ready, log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "ended before the signal: " + log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "never got ready: " + log_path.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _stop_within_deadline(proc: subprocess.Popen, signum: int, log_path: Path):
+    """Send `signum`; (returncode, output) once it exits, which must be within the deadline."""
+    proc.send_signal(signum)
+    try:
+        rc = proc.wait(STOP_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{signal.Signals(signum).name} unanswered after {STOP_DEADLINE_S} s: "
+                    + log_path.read_text()[-3000:])
+    return rc, log_path.read_text()
+
+
+def _rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return metrics(run) if path.exists() and path.read_text().strip() else []
+
+
+def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
+    # a validation after step 2 that would take hours: SIGTERM ends it, step 2 is logged
+    # (without a validation) and checkpointed, and the run says how to continue
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    args = TINY + [f"train.steps={STEPS}", "train.val_every=2", f"train.val_episodes={ENDLESS}",
+                   f"train.checkpoint_every={10 * STEPS}"]
+    proc = _start(CMD + ["--out", str(run)] + args, log, _env())
+    try:
+        _wait_for(proc, lambda: len(_rows(run)) >= 1, log)
+        time.sleep(2)  # into step 2's validation
+        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM" in output and f"amfs train --resume {run}" in output, output
+    assert "Traceback" not in output
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert "val_accuracy" not in metrics(run)[-1]
+
+
+@pytest.mark.slow  # three commands in subprocesses
+def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
+    run, log, env = tmp_path / "run", tmp_path / "run.log", _env()
+    args = TINY + ["train.steps=3", f"eval.episodes={ENDLESS}"]
+    proc = _start(CMD + ["--out", str(run)] + args, log, env)
+    try:
+        _wait_for(proc, lambda: (run / "model.pt").exists(), log)  # written before the test
+        time.sleep(1)
+        rc, output = _stop_within_deadline(proc, signal.SIGUSR1, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGUSR1, output[-3000:]
+    assert "stopped by SIGUSR1 during the final test" in output, output
+    assert f"amfs train --resume {run}" in output and "Traceback" not in output, output
+    assert not (run / "result.json").exists()
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
+
+    # `amfs eval` of hours of episodes: SIGTERM ends it with one line
+    log = tmp_path / "eval.log"
+    proc = _start([sys.executable, "-m", "amfs_dist", "eval", str(run), "--episodes",
+                   str(ENDLESS)], log, env)
+    try:
+        _wait_for(proc, lambda: "test episodes" in log.read_text(), log)  # its progress bar
+        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, output[-3000:]
+    assert "amfs: stopped by SIGTERM" in output and "Traceback" not in output, output
+
+    # as the message said: --resume runs the final test (at a size that ends)
+    done = subprocess.run(CMD + ["--resume", str(run), "eval.episodes=6"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["test_episodes"] == 6
+
+
+# SIGTERM to `amfs data prepare` while it writes the store (sent from inside the Arrow write, so
+# that it comes exactly then), through the real command line in a subprocess
+PREPARE_TERMINATED_IN_WRITE = """
+import os, signal, sys
+import pyarrow.ipc
+real = pyarrow.ipc.new_file
+def new_file(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+pyarrow.ipc.new_file = new_file
+from amfs_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_data_prepare_removes_its_temporary_store(tmp_path):
+    from test_data_prepare import lake_tree
+    src, out = lake_tree(tmp_path / "src"), tmp_path / "stores" / "omniglot"
+    done = subprocess.run([sys.executable, "-c", PREPARE_TERMINATED_IN_WRITE, "data", "prepare",
+                           "omniglot", "--split", "lake", "--src", str(src), "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "amfs: stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no .omniglot.tmp-* left behind
+
+
+def test_a_stop_signal_ends_a_wait_for_ray(tmp_path):
+    # RAY_ADDRESS where nothing answers, waited for up to 10 minutes: SIGTERM ends the wait
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _start(CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log,
+                  _env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600"))
+    try:
+        _wait_for(proc, lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), log)
+        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 128 + signal.SIGTERM, output[-3000:]
+    assert "amfs: stopped by SIGTERM" in output and "Traceback" not in output, output
+    assert not run.exists()

@@ -184,6 +184,8 @@ def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("best of 2 trials")
+    # the summary names the bucket, not the local copy it was written in (removed by now)
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"config: {uri}/best.yaml")
     files = _files(s3, "sweeps/a")
     assert {"sweep.yaml", "result.json", "trials.csv", "best.yaml"} <= set(files)
     assert {"model.pt", "result.json", "checkpoint.pt"} <= set(_files(s3, "sweeps/a/best-run"))
@@ -192,6 +194,7 @@ def test_a_sweep_on_s3(s3, tmp_path, capsys, monkeypatch):
     assert len(trials) == 2
     result = json.loads(_read(s3, "sweeps/a/result.json"))
     assert result["trials"] == 2 and result["test"]["meta_steps"] == 2
+    assert result["best_config"] == f"{uri}/best.yaml" and result["out"] == uri
     assert sorted(os.listdir(tmp_path)) == ["sweep.yaml"]  # nothing local, no "s3:" folder
     # --resume reads sweep.yaml and Tune's state from the bucket (a finished sweep: no new trial)
     proc = subprocess.run([sys.executable, "-m", "amfs_dist", "tune", "--resume", uri,
@@ -211,3 +214,6 @@ def test_gs_uris_map_to_pyarrow_gcs():  # s3:// has the moto tests; GCS has no l
     from amfs_dist.storage import filesystem
     fs, path = filesystem("gs://bucket/runs/a/")  # no I/O yet
     assert fs.type_name == "gcs" and path == "bucket/runs/a"
+    # a GCS that cannot be reached is retried for seconds, not pyarrow's default 15 minutes
+    _, (options,) = fs.__reduce__()
+    assert options["retry_time_limit"].total_seconds() == 10

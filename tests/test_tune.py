@@ -170,7 +170,7 @@ def test_resume_loads_tunes_pickled_state_only_with_allow_pickle(tmp_path, capsy
     assert err.startswith(f"amfs: error: --resume {out}:") and "--allow-pickle" in err, err
     assert not ran.exists()  # nothing was unpickled (and Ray never started)
     assert amfs(["tune", "--allow-pickle"]) == 2
-    assert "--allow-pickle goes with --resume" in capsys.readouterr().err
+    assert "--allow-pickle goes with --resume or --resume-if-exists" in capsys.readouterr().err
 
 
 # -- sweeps (Ray) ----------------------------------------------------------------------------------

@@ -18,5 +18,8 @@ def run(args) -> int:
 
     if args.episodes is not None and args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
+    if args.episodes is not None:
+        from amfs_dist.data import check_episode_count
+        check_episode_count("--episodes", args.episodes)
     print_json(eval_run(args.run_dir, args.episodes, args.overrides, progress=True))
     return 0

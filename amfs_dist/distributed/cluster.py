@@ -16,10 +16,14 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from amfs_dist import stopping
 from amfs_dist.distributed.raycompat import autoscaling_maximum, loopback_node
 from amfs_dist.errors import UserError
 
 EPS = 1e-6  # Ray keeps resource amounts to 4 decimals
+AUTOSCALER_WAIT = ("shard workers wait at most dist.timeout_s, a sweep's trials and an "
+                   "experiment's cells until they are placed; a stop signal ends the wait")
+RAY_CONNECT_TIMEOUT_S = 30  # for RAY_ADDRESS's cluster to accept connections (cluster/README.md)
 
 
 def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **local) -> bool:
@@ -31,13 +35,52 @@ def init_ray(log_to_driver: bool = True, runtime_env: dict | None = None, **loca
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:  # asked for: its auth mode is that cluster's business
+        check_reachable(address)
         # a private instance on 127.0.0.1 (this module's, or a loopback `ray start`) is joined
         # as one: otherwise Ray turns 127.0.0.1 into the machine's outward address
         with loopback_node() if _is_loopback(_host(address)) else nullcontext():
             ray.init(log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         start_private_ray(log_to_driver=log_to_driver, runtime_env=runtime_env, **local)
+    stopping.reinstall()  # Ray's native TERM handler aborts the process (SIGABRT, no message)
     return True
+
+
+def check_reachable(address: str | None = None, timeout_s: float | None = None) -> None:
+    """Refuse `address` (default: RAY_ADDRESS, if set) when nothing accepts connections at it
+    for timeout_s (default AMFS_RAY_CONNECT_TIMEOUT_S, else RAY_CONNECT_TIMEOUT_S): ray.init
+    would retry a cluster that is down for about 8 minutes, printing only warnings. 'auto'
+    (Ray finds the address) is left to Ray. Commands call it before they write anything."""
+    import socket
+    import sys
+    import time
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    host_port = address.split("://")[-1].split("/")[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', or a form Ray resolves itself
+    host = host.strip("[]")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("AMFS_RAY_CONNECT_TIMEOUT_S", RAY_CONNECT_TIMEOUT_S))
+    started, said = time.monotonic(), False  # awaited, and for how long
+    deadline = started + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({why}) "
+                            f"after {timeout_s:g} s; start it, or unset RAY_ADDRESS to run on "
+                            f"a Ray instance of this command's own")
+        if not said and time.monotonic() > started + 5:  # a head (re)starting: say what is
+            print(f"amfs: waiting up to {timeout_s:g} s for the Ray cluster at {address} "
+                  f"({why})", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(1.0)
 
 
 @contextmanager
@@ -85,6 +128,43 @@ def start_private_ray(**init_kwargs) -> None:
         raise RuntimeError(f"the private Ray instance came up on {host}, not on 127.0.0.1; "
                            f"refusing to run an instance other machines can reach (set "
                            f"RAY_ADDRESS to use a cluster of your own)")
+    _reap_when_gone()
+
+
+# Reads stdin to its end (the driver has exited, however it died), then SIGKILLs every process
+# of the driver's raylet: they carry RAY_RAYLET_PID=<its pid> in their environment.
+_REAPER = r'''
+import os, signal, sys
+sys.stdin.buffer.read()
+mark = b"RAY_RAYLET_PID=" + sys.argv[1].encode()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if mark in f.read().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+    except OSError:
+        pass
+'''
+
+
+def _reap_when_gone() -> None:
+    """Ray's own processes die with a SIGKILLed driver (Ray sets PR_SET_PDEATHSIG on them),
+    but the agents its raylet starts (DashboardAgent, RuntimeEnvAgent) outlive it for ever: a
+    small reaper, whose stdin only this process holds open, kills them once it is gone."""
+    import subprocess
+    import sys
+
+    import psutil
+    raylets = [p.pid for p in psutil.Process().children() if p.name() == "raylet"]
+    for raylet in raylets:
+        # its own session: a Ctrl-C to the terminal's process group must not end it first
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(raylet)],
+                                  stdin=subprocess.PIPE, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _reapers.append(reaper)  # its stdin stays open while this process lives
+
+
+_reapers: list = []
 
 
 def _host(address: str) -> str:
@@ -112,6 +192,13 @@ def check_resources(bundles: list[dict[str, float]], what: str) -> None:
         if any(v > maximum.get(k, 0.0) + EPS for k, v in need.items()):
             raise UserError(f"{asked}, but this autoscaling cluster grows to at most "
                             f"{_fmt({k: maximum.get(k, 0.0) for k in need})}")
+        now = ray.cluster_resources()
+        if any(v > now.get(k, 0.0) + EPS for k, v in need.items()):  # a legitimate wait: say so
+            import sys
+            print(f"amfs: {asked}; the cluster has {_fmt({k: now.get(k, 0.0) for k in need})} "
+                  f"now: waiting for its autoscaler to add nodes (it can grow to "
+                  f"{_fmt({k: maximum.get(k, 0.0) for k in need})}); {AUTOSCALER_WAIT}",
+                  file=sys.stderr, flush=True)
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()

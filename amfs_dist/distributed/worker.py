@@ -23,9 +23,11 @@ from amfs_dist.algorithms.outer import combine
 from amfs_dist.backend import InProcessBackend, finite_part, finite_rows, set_deterministic
 from amfs_dist.config import Config, resolve
 from amfs_dist.distributed.sketch import CountSketch
-from amfs_dist.errors import UserError
+from amfs_dist.errors import TrainingError, UserError
 
 log = logging.getLogger("amfs_dist.distributed")
+# the oldest Linux driver that runs the CUDA 13.0 wheels of the pinned torch
+CUDA_DRIVER_NEEDED = "580"
 
 
 def _assigned_gpus() -> list:
@@ -39,7 +41,8 @@ def _assigned_gpus() -> list:
 
 
 def pick_device(cfg: Config, assigned_gpus: Sequence | None = None) -> torch.device:
-    """cuda if Ray gave this worker a GPU and CUDA works here (and train.device allows it), else cpu.
+    """cuda if Ray gave this worker a GPU (and train.device allows it), else cpu; a GPU that
+    CUDA cannot use fails the worker (TrainingError) rather than leave it computing on the CPU.
 
     Ray sets CUDA_VISIBLE_DEVICES to the worker's GPU(s), so its first GPU is cuda:0; with a
     fractional dist.gpus_per_worker, workers share that GPU. A worker uses one device: given
@@ -54,10 +57,13 @@ def pick_device(cfg: Config, assigned_gpus: Sequence | None = None) -> torch.dev
             log.warning("train.device=cuda but this shard worker has no GPU "
                         "(dist.gpus_per_worker=0): computing on the CPU")
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        log.warning("shard worker was given GPU(s) %s but CUDA is not available here: computing "
-                    "on the CPU", gpus)
-        return torch.device("cpu")
+    if not torch.cuda.is_available():  # computing on the CPU would be ~100x slower, silently
+        import socket
+        raise TrainingError(
+            f"shard worker on {socket.gethostname()} was given GPU(s) {gpus} but CUDA does not "
+            f"work there (torch {torch.__version__}, built for CUDA {torch.version.cuda}: it "
+            f"needs NVIDIA driver {CUDA_DRIVER_NEEDED} or newer; check `nvidia-smi` on that "
+            f"node), or set train.device=cpu to compute on its CPUs")
     return torch.device("cuda", 0)
 
 

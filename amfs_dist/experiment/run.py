@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from amfs_dist.errors import UserError
+from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.experiment.spec import Cell, ExperimentSpec
+from amfs_dist.stopping import as_stop
 
 MANIFEST = "experiment.json"
 CELLS = "cells"
 CELL_FILE = "cell.json"
+CANCEL_WAIT_S = 20  # for stopped cells to checkpoint: within Kubernetes' and Slurm's 30 s grace
 
 
 class ExperimentFailed(UserError):
@@ -131,8 +133,11 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, progress: bool = True)
     """Run every unfinished cell on Ray, then write the results; returns the summary."""
     from amfs_dist.experiment.report import write_results
 
+    from amfs_dist.distributed.cluster import check_reachable
+
     out = Path(out).resolve()
     cells = spec.cells()
+    check_reachable()  # a RAY_ADDRESS where no cluster answers: before --out is written
     prepare_dir(spec, out, cells)
     todo = [c for c in cells if not cell_done(out, c, eval_overrides(spec, c))]
     t0 = time.perf_counter()
@@ -198,9 +203,16 @@ def _run_cells(spec: ExperimentSpec, out: Path, todo: list[Cell], total: int,
                 bar.write(f"cell {cell.name} failed: {failed[cell.name]}")
             bar.update(1)
             bar.set_postfix_str(cell.name)
-    except BaseException:
+    except BaseException as e:
         for ref in pending:  # a cancelled cell saves its checkpoint: a rerun resumes it
             ray.cancel(ref)
+        # ... once it has written it: Ray ends with this command
+        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        stop = as_stop(e)
+        if stop is not None:
+            raise RunStopped(f"experiment stopped by {stop}: {len(pending)} running cell(s) "
+                             f"checkpointed, finished cells kept; continue with the same "
+                             f"command (--out {out})", stop.signum) from None
         raise
     finally:
         bar.close()

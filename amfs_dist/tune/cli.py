@@ -1,4 +1,5 @@
-"""`amfs tune [--config SWEEP.yaml] [--out DIR] [--resume DIR] [key=value ...]`.
+"""`amfs tune [--config SWEEP.yaml] [--out DIR [--resume-if-exists --allow-pickle]]
+[--resume DIR] [key=value ...]`.
 
 key=value: `sweep.NAME=V` sets a sweep setting, `search.KEY=V` a search dimension, any other
 key the base training config (a swept key given this way is fixed: it leaves the search).
@@ -26,9 +27,14 @@ def register(sub) -> None:
                                  "sweeps/NAME-TIMESTAMP)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue an interrupted sweep in DIR (its own sweep.yaml)")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="with --out: continue the sweep in --out if there is one (the same sweep "
+                        "required; with --allow-pickle), else start it. For launchers that may "
+                        "run the same command twice (Slurm requeue, resubmit)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="with --resume: load Ray Tune's saved state, which is a pickle (it can "
-                        "run code when loaded): only for sweep directories you trust")
+                   help="with --resume or --resume-if-exists: load Ray Tune's saved state, "
+                        "which is a pickle (it can run code when loaded): only for sweep "
+                        "directories you trust")
     p.add_argument("--restart-errored", action="store_true",
                    help="with --resume: rerun errored trials from scratch instead of from "
                         "their latest checkpoints")
@@ -54,12 +60,18 @@ def run(args) -> int:
         return 0 if "best_trial" in summary else 1
     if args.restart_errored:
         raise UserError("--restart-errored goes with --resume")
-    if args.allow_pickle:
-        raise UserError("--allow-pickle goes with --resume")
+    if args.resume_if_exists and not args.out:
+        raise UserError("--resume-if-exists needs --out (the sweep to start or continue)")
+    if args.allow_pickle and not args.resume_if_exists:
+        raise UserError("--allow-pickle goes with --resume or --resume-if-exists")
     spec = load_sweep(args.config, args.overrides)  # every error here comes before Ray starts
     out = args.out or (
         Path("sweeps") / f"{spec.settings.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from amfs_dist.tune.sweep import print_summary, run_sweep
-    summary = run_sweep(spec, out, progress=not args.quiet)
+    from amfs_dist.tune.sweep import print_summary, run_sweep, start_or_resume_sweep
+    if args.resume_if_exists:
+        summary = start_or_resume_sweep(spec, out, progress=not args.quiet,
+                                        allow_pickle=args.allow_pickle)
+    else:
+        summary = run_sweep(spec, out, progress=not args.quiet)
     print_summary(summary)
     return 0 if "best_trial" in summary else 1  # 1: no trial produced a score

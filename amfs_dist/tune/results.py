@@ -255,7 +255,11 @@ def evaluate_best(best: TrialRecord, spec: SweepSpec, out: Path) -> dict:
     return evaluate_trial_run(str(run), episodes)
 
 
-def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s: float) -> dict:
+def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s: float,
+                  location: str | None = None) -> dict:
+    """Write the results into `out`; `location`: where they end up (an s3:// or gs:// --out
+    whose local copy `out` is), as the summary names them."""
+    shown = location.rstrip("/") if location else str(out)
     ranked = rank(records, spec.mode)
     write_tables(table_rows(ranked, spec), out)
     candidates = [r for r in ranked if r.score is not None and r.checkpoint and r.status
@@ -266,17 +270,17 @@ def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s
               for s in ("completed", "stopped", "diverged", "error", "unfinished")}
     summary = {"sweep": spec.settings.name, "trials": len(records), **counts,
                "metric": spec.metric, "mode": spec.mode, "wall_s": round(wall_s, 1),
-               "out": str(out)}
+               "out": shown}
     if best is None:
         summary["line"] = (f"sweep {spec.settings.name}: no trial produced a {spec.metric} "
-                           f"({counts}); see {out / 'trials.md'}")
+                           f"({counts}); see {shown}/trials.md")
         (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     write_best_yaml(best, spec, out / "best.yaml")
     test = evaluate_best(best, spec, out)
     summary.update({"best_trial": best.trial, "best_score": best.score, "best_step": best.step,
-                    "best_params": best.params, "best_config": str(out / "best.yaml"),
-                    "best_run": str(out / "best-run"), "test": test})
+                    "best_params": best.params, "best_config": f"{shown}/best.yaml",
+                    "best_run": f"{shown}/best-run", "test": test})
     if test.get("test_accuracy") is not None:
         test_txt = f"test_accuracy={test['test_accuracy']:.4f} +- {test['test_ci95']:.4f}"
     else:
@@ -286,7 +290,7 @@ def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s
     summary["line"] = (f"best of {len(records)} trials{stopped}: trial {best.trial} "
                        f"{spec.metric}={best.score:.4f} {params}; "
                        f"{test_txt} ({test['test_episodes']} episodes); config: "
-                       f"{out / 'best.yaml'}")
+                       f"{shown}/best.yaml")
     (out / "result.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "line"},
                                                 indent=2, default=str) + "\n")
     return summary

@@ -20,12 +20,14 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyarrow.fs import FileType
 
 from amfs_dist.config import resolve, save_config
 from amfs_dist.errors import UserError
+from amfs_dist.stopping import signal_name
 from amfs_dist.storage import is_uri, staged_run
 from amfs_dist.tune.space import SweepSpec, load_sweep
 
@@ -222,7 +224,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
                 remote.push([SWEEP_FILE])
                 try:
                     return _fit(spec, remote.local, progress,
-                                lambda: make_tuner(spec, remote.uri, progress))
+                                lambda: make_tuner(spec, remote.uri, progress), remote.uri)
                 finally:
                     remote.push(None)
     out = Path(out).resolve()
@@ -235,6 +237,29 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> dict:
         return _fit(spec, out, progress, tuner_factory=lambda: make_tuner(spec, out, progress))
 
 
+def start_or_resume_sweep(spec: SweepSpec, out: str | Path, progress: bool = True,
+                          allow_pickle: bool = False) -> dict:
+    """`amfs tune --out OUT --resume-if-exists`, for launchers that may run the same command
+    twice (a Slurm requeue, a resubmit): continue the sweep in `out` when it holds this very
+    sweep (the same resolved sweep.yaml), else start it there."""
+    if is_uri(out):
+        with staged_run(str(out), (SWEEP_FILE,)) as remote:
+            stored = remote.local / SWEEP_FILE
+            held = load_sweep(stored, check_paths=False) if stored.is_file() else None
+    else:
+        stored = Path(out) / SWEEP_FILE
+        held = load_sweep(stored, check_paths=False) if stored.is_file() else None
+    if held is None:
+        return run_sweep(spec, out, progress)
+    if held.to_yaml_dict() != spec.to_yaml_dict():
+        differ = sorted(k for k in ("base", "search", "sweep")
+                        if held.to_yaml_dict()[k] != spec.to_yaml_dict()[k])
+        raise UserError(f"--out {out}: holds another sweep (its {SWEEP_FILE} differs in "
+                        f"{', '.join(differ)}); continue it as it is with `amfs tune --resume "
+                        f"{out} --allow-pickle`, or choose another --out")
+    return resume_sweep(out, progress, allow_pickle=allow_pickle)
+
+
 def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool = False,
                  allow_pickle: bool = False, storage: str | None = None) -> dict:
     """Continue an interrupted sweep: unfinished trials go on from their latest checkpoints,
@@ -244,7 +269,7 @@ def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool =
         with staged_run(str(out), (SWEEP_FILE,)) as remote:
             try:
                 return resume_sweep(remote.local, progress, restart_errored, allow_pickle,
-                                    remote.uri)
+                                    remote.uri)  # storage: the URI, named in messages too
             finally:
                 remote.push(None)
     out = Path(out).resolve()
@@ -266,10 +291,36 @@ def resume_sweep(out: str | Path, progress: bool = True, restart_errored: bool =
                                   resume_unfinished=True, resume_errored=not restart_errored,
                                   restart_errored=restart_errored)
     with sweep_ray(spec):
-        return _fit(spec, out, progress, factory)
+        return _fit(spec, out, progress, factory, storage)
 
 
-def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
+@contextmanager
+def _term_stops_tune():
+    """Within the block, TERM stops the sweep as Ctrl-C and USR1 do: by Tune's own handler,
+    which Tuner.fit sets on INT and USR1 (Tune saves its state; trials keep their checkpoints).
+    Yields a list that gets the signal number."""
+    import signal
+    import threading
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_term(signum, frame):
+        received.append(signum)
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if callable(tune_handler) and tune_handler is not on_term:
+            tune_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory,
+         location: str | None = None) -> dict:
     from amfs_dist.tune.results import collect, write_results
 
     _tune_env()
@@ -279,14 +330,15 @@ def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
     t0 = time.perf_counter()
     tuner = tuner_factory()
     try:
-        grid = tuner.fit()
+        with _term_stops_tune() as received:
+            grid = tuner.fit()
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
         import traceback
         (out / "error.txt").write_text(traceback.format_exc())
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        hint = (f"continue with `amfs tune --resume {out} --allow-pickle`"
+        hint = (f"continue with `amfs tune --resume {location or out} --allow-pickle`"
                 if (out / EXPERIMENT).is_dir() else "nothing to resume")
         raise SweepFailed(f"the sweep failed: {type(e).__name__}: "
                           f"{lines[0][:300] if lines else ''} (traceback in "
@@ -296,12 +348,17 @@ def _fit(spec: SweepSpec, out: Path, progress: bool, tuner_factory) -> dict:
     unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
     unfinished += max(0, spec.settings.num_samples - len(grid))
     if unfinished:
-        raise SweepInterrupted(
-            f"sweep interrupted with {unfinished} of {spec.settings.num_samples} trials "
-            f"unfinished; its state is saved: continue with "
-            f"`amfs tune --resume {out} --allow-pickle`")
+        stopped = SweepInterrupted(
+            f"sweep {'stopped by ' + signal_name(received[0]) if received else 'interrupted'} "
+            f"with {unfinished} of {spec.settings.num_samples} trials unfinished; its state "
+            f"and its trials' checkpoints are saved: continue with "
+            f"`amfs tune --resume {location or out} --allow-pickle`")
+        if received:
+            stopped.exit_code = 128 + received[0]
+        raise stopped
     trials = collect(grid, spec)
-    summary = write_results(trials, spec, out, wall_s=time.perf_counter() - t0)
+    summary = write_results(trials, spec, out, wall_s=time.perf_counter() - t0,
+                            location=location)
     return summary
 
 
