@@ -155,6 +155,11 @@ class Nodes:
         return subprocess.run(self.argv(i, cmd), capture_output=True, text=True, timeout=timeout,
                               env=self.env(RAY_ADDRESS=f"{self.address(1)}:{RAY_PORT}", **env))
 
+    def popen(self, i: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        """`cmd` started in node i with RAY_ADDRESS naming the head; the caller ends it."""
+        return subprocess.Popen(self.argv(i, cmd), env=self.env(
+            RAY_ADDRESS=f"{self.address(1)}:{RAY_PORT}"), **kwargs)
+
     def wait_for_ray(self, nodes: int, timeout: float = 120.0) -> None:
         """Until `nodes` Ray nodes are alive (asked from node 1)."""
         probe = ("import ray, time, sys\nray.init(log_to_driver=False)\n"
