@@ -114,6 +114,9 @@ SCHEMA: dict[str, Key] = {
     "dist.max_worker_restarts": Key((int,), 3, _non_negative, ">= 0"),
     # seconds a shard worker may take to start or to answer one step before it is replaced
     "dist.timeout_s": Key((float,), 600.0, _positive, "> 0"),
+    # seconds a replacement worker may wait for a node with room for it (a lost node's workers
+    # wait for another node) before the run stops with its checkpoint
+    "dist.replace_timeout_s": Key((float,), 60.0, _positive, "> 0"),
     "eval.episodes": Key((int,), 600, _at_least_one, ">= 1"),
     "eval.queries": Key((int,), 15, _at_least_one, ">= 1"),
     "eval.batch": Key((int,), 50, _at_least_one, ">= 1"),

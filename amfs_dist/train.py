@@ -201,6 +201,11 @@ class Trainer:
         def on_signal(signum, frame):
             if self.stop_signal is None:
                 self.stop_signal = signum
+                if getattr(self._backend, "waiting_for_workers", False):  # no step ends soon
+                    raise RunStopped(f"stopped by {signal.Signals(signum).name} at step "
+                                     f"{self.step} while waiting for shard workers; checkpoint "
+                                     f"saved: resume with `amfs train --resume {self.location}`",
+                                     signum)
             elif self._updating:  # parameters half updated: stop right after the update
                 self._stop_now = True
             else:

@@ -37,6 +37,7 @@ from amfs_dist.errors import UserError, WorkerFailedError
 log = logging.getLogger("amfs_dist.distributed")
 
 START_GRACE_S = 300.0  # added to dist.timeout_s for a worker's first answer (its start-up)
+PLACEMENT_POLL_S = 0.5  # how often a replacement's placement is looked up
 
 
 def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
@@ -67,6 +68,7 @@ def _check_workers_fit(cfg: Config) -> None:
 
 class RayBackend:
     worker_class = ShardWorker
+    waiting_for_workers = False
 
     def __init__(self, cfg: Config, source_factory: Callable | None = None):
         import ray
@@ -130,6 +132,46 @@ class RayBackend:
             pass
         self.workers[w] = self._new_actor(w)
         self._fresh[w] = True
+        self._wait_placed(w)
+
+    def _wait_placed(self, w: int) -> None:
+        """Until a node has taken worker w's new actor. With no room anywhere (its node was
+        lost and the others are full) Ray would keep it pending for ever: the wait is bounded
+        by dist.replace_timeout_s, said when it starts. `waiting_for_workers` is set meanwhile
+        (the trainer stops at once on a stop signal then: no step ends soon)."""
+        bound = self.cfg.dist.replace_timeout_s
+        deadline = time.monotonic() + bound
+        if self._placed(self.workers[w]):
+            return
+        d = self.cfg.dist
+        log.warning("shard worker %d: waiting up to %g s (dist.replace_timeout_s) for a node with "
+                    "room for its replacement (%g CPU, %g GPU)", w, bound, d.cpus_per_worker,
+                    d.gpus_per_worker)
+        self.waiting_for_workers = True
+        try:
+            while not self._placed(self.workers[w]):
+                if time.monotonic() > deadline:
+                    raise WorkerFailedError(
+                        f"no node had room for shard worker {w}'s replacement within "
+                        f"dist.replace_timeout_s={bound:g} s. The run stops here; its checkpoint "
+                        f"is kept (resume with `amfs train --resume RUN_DIR`)")
+                time.sleep(PLACEMENT_POLL_S)
+        finally:
+            self.waiting_for_workers = False
+        log.warning("shard worker %d: replacement placed after %.1f s", w,
+                    bound - (deadline - time.monotonic()))
+
+    def _placed(self, actor) -> bool:
+        """Whether Ray has leased a worker process on some node for `actor` (from the GCS's
+        actor table: an actor waiting for resources has no address yet). Where this Ray cannot
+        say, it counts as placed (the first call's dist.timeout_s bounds the wait then)."""
+        try:
+            from ray._private import state
+            entry = state.actors(actor._actor_id.hex())
+            return bool(entry["Address"]["IPAddress"]) or entry["State"] not in (
+                "DEPENDENCIES_UNREADY", "PENDING_CREATION")
+        except Exception:
+            return True
 
     def _classify(self, err: BaseException) -> str | None:
         """A one-line reason if `err` is a recoverable worker loss, None if it must be raised."""
