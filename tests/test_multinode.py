@@ -142,7 +142,8 @@ def test_a_lost_node_stops_the_run_with_a_checkpoint(nodes, tmp_path, then):
         wait_for("second step", lambda: rows.exists() and len(rows.read_text().splitlines()) >= 2,
                  driver, log)
         nodes.kill(2)
-        said = f"shard worker 1: waiting up to {bound:g} s (dist.replace_timeout_s) for a node"
+        said = (f"waiting up to {bound:g} s (dist.replace_timeout_s) for a node with room for "
+                f"shard worker 1's replacement")
         wait_for("word of the wait", lambda: said in log.read_text(), driver, log)
         if then == "SIGTERM while it waits":
             driver.send_signal(signal.SIGTERM)
@@ -161,3 +162,48 @@ def test_a_lost_node_stops_the_run_with_a_checkpoint(nodes, tmp_path, then):
     finished = len(rows.read_text().splitlines())
     assert finished >= 2
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == finished
+
+
+# -- elastic: dist.min_workers ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(nodes, tmp_path):
+    """dist.min_workers=1: node 2 is killed with its raylet, no node has room for worker 1's
+    replacement within dist.replace_timeout_s, and the run goes on with worker 0 alone; node 2
+    is started again and the run grows back to two workers. Its parameters are bitwise those
+    of an in-process run of as many steps (train.deterministic)."""
+    nodes.set_hosts(loopback=True)
+    run, log = tmp_path / "run", tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = nodes.popen(1, [sys.executable, "-m", "amfs_dist", "train", "--no-progress",
+                                 "--out", str(run), *RUN, "train.steps=100000",
+                                 "train.checkpoint_every=1", "dist.workers=2",
+                                 "dist.min_workers=1", "dist.replace_timeout_s=3"],
+                             stdout=out, stderr=subprocess.STDOUT)
+    rows = run / "metrics.jsonl"
+    workers = lambda: [json.loads(r)["workers"] for r in rows.read_text().splitlines()] \
+        if rows.exists() else []
+    try:
+        wait_for("second step", lambda: len(workers()) >= 2, driver, log)
+        nodes.kill(2)
+        wait_for("a step with one worker", lambda: 1 in workers(), driver, log)
+        assert "going on with 1 workers (dist.min_workers=1)" in log.read_text()
+        nodes.start_ray(2)
+        wait_for("two workers again", lambda: workers()[-1] == 2 and 1 in workers(), driver, log)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(120) == 143, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if 2 not in nodes.procs:
+            nodes.start_ray(2)
+        nodes.wait_for_ray(2)
+    counts = workers()
+    assert counts[:2] == [2, 2] and 1 in counts and counts[-1] == 2, counts
+    reference = tmp_path / "in-process"
+    assert amfs(["train", "--no-progress", "--out", str(reference), *RUN,
+                 f"train.steps={len(counts)}"]) == 0
+    elastic = torch.load(run / CHECKPOINT, weights_only=True)
+    assert elastic["step"] == len(counts)
+    for key, value in model(reference).items():
+        assert torch.equal(value, elastic["model"][key]), f"{key} differs from the in-process run"

@@ -307,6 +307,7 @@ class CollectiveBackend(RayBackend):
 
     worker_class = CollectiveWorker
     owns_update = True
+    elastic_exchange = False  # the group and the coordinate shares are made for dist.workers
 
     def __init__(self, cfg, source_factory=None):
         super().__init__(cfg, source_factory)
