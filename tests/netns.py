@@ -145,7 +145,9 @@ class Nodes:
             self.argv(i, [RAY, "start", "--block", *where, f"--node-ip-address={self.address(i)}",
                           f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={temp}",
                           "--object-store-memory=100000000", "--disable-usage-stats"]),
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # Ray's own OOM killer would kill workers when the shared machine is short of memory
+            env=self.env(RAY_memory_monitor_refresh_ms="0"), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.procs[i] = proc
         return proc

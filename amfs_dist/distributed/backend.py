@@ -1,4 +1,4 @@
-"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (DESIGN 2).
+"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (cluster/README.md).
 
 Each step the driver puts the flat meta-parameters in the object store once, gives worker w
 the task ids w, w+W, w+2W, ... (round robin), and gathers:
@@ -15,6 +15,12 @@ its shard recomputed from (params, step, task ids), which gives the same numbers
 goes on as if nothing happened. After dist.max_worker_restarts replacements of one worker the
 step raises WorkerFailedError (the trainer then checkpoints and stops). An exception raised by
 the worker's own code (a bug, a bad data path) is not retried: it is raised at once.
+
+A replacement waits for a node with room for it at most dist.replace_timeout_s (a lost node's
+workers may find none). Past that, an elastic run (dist.min_workers below dist.workers) goes
+on with the workers left, at least dist.min_workers: the step is recomputed with the task ids
+sharded over them, and the replacement, still pending in Ray, rejoins between steps once a node
+takes it. Otherwise the run stops with WorkerFailedError.
 
 Actors are created with default scheduling, so inside a Ray Tune trial they land in the
 trial's placement group (the group's bundles must hold dist.workers x {CPU, GPU} per worker).

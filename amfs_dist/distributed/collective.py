@@ -38,6 +38,9 @@ Here worker 0 opens a TCPStore, and every worker calls init_process_group(store,
 dist.timeout_s); a rebuild is destroy + init on a fresh store. The backend is gloo on the
 CPU and nccl on CUDA (same calls; nccl honours the timeout through torch's asynchronous
 error handling, on by default).
+Each worker advertises the address of its interface that routes to worker 0's node
+(GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, unless set in its environment), not the address its
+hostname resolves to, which is loopback on Debian-style hosts.
 
 Faults: a worker that dies or hangs makes its peers' collective calls fail (at once for a
 closed connection, after dist.timeout_s for a silent peer); they answer "peer lost" instead
