@@ -1,4 +1,4 @@
-"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them (cluster/README.md).
+"""RayBackend: the step's tasks sharded over Ray actors, weighted over all of them.
 
 Each step the driver puts the flat meta-parameters in the object store once, gives worker w
 the task ids w, w+W, w+2W, ... (round robin), and gathers:
