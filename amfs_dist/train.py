@@ -204,6 +204,11 @@ class Trainer:
                 self.stop_signal = signum
                 if self._validating:  # hundreds of episodes, none of them worth the wait
                     raise_on_stop(signum, frame)
+                elif getattr(self._backend, "waiting_for_workers", False):  # no step ends soon
+                    raise RunStopped(f"stopped by {signal.Signals(signum).name} at step "
+                                     f"{self.step} while waiting for shard workers; checkpoint "
+                                     f"saved: resume with `amfs train --resume {self.location}`",
+                                     signum)
             elif self._updating:  # parameters half updated: stop right after the update
                 self._stop_now = True
             else:

@@ -16,6 +16,12 @@ goes on as if nothing happened. After dist.max_worker_restarts replacements of o
 step raises WorkerFailedError (the trainer then checkpoints and stops). An exception raised by
 the worker's own code (a bug, a bad data path) is not retried: it is raised at once.
 
+A replacement waits for a node with room for it at most dist.replace_timeout_s (a lost node's
+workers may find none). Past that, an elastic run (dist.min_workers below dist.workers) goes
+on with the workers left, at least dist.min_workers: the step is recomputed with the task ids
+sharded over them, and the replacement, still pending in Ray, rejoins between steps once a node
+takes it. Otherwise the run stops with WorkerFailedError.
+
 Actors are created with default scheduling, so inside a Ray Tune trial they land in the
 trial's placement group (the group's bundles must hold dist.workers x {CPU, GPU} per worker).
 """
@@ -37,6 +43,7 @@ from amfs_dist.errors import UserError, WorkerFailedError
 log = logging.getLogger("amfs_dist.distributed")
 
 START_GRACE_S = 300.0  # added to dist.timeout_s for a worker's first answer (its start-up)
+PLACEMENT_POLL_S = 0.5  # how often a replacement's placement is looked up
 
 
 def shard(task_ids: Sequence[int], workers: int) -> list[list[int]]:
@@ -60,13 +67,27 @@ def _check_workers_fit(cfg: Config) -> None:
     from amfs_dist.distributed.cluster import check_resources
     d = cfg.dist
     worker = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
-    check_resources([worker] * d.workers,
-                    f"dist.workers={d.workers} x (dist.cpus_per_worker={d.cpus_per_worker:g}, "
+    needed = min_workers(cfg)
+    asked = f"dist.workers={d.workers}" if needed == d.workers else f"dist.min_workers={needed}"
+    check_resources([worker] * needed,
+                    f"{asked} x (dist.cpus_per_worker={d.cpus_per_worker:g}, "
                     f"dist.gpus_per_worker={d.gpus_per_worker:g})")
+
+
+def min_workers(cfg: Config) -> int:
+    """dist.min_workers, where 0 means dist.workers (not elastic)."""
+    return cfg.dist.min_workers or cfg.dist.workers
+
+
+class _Shrunk(Exception):
+    """A worker was lost and no node had room for its replacement: the step is recomputed with
+    the workers left."""
 
 
 class RayBackend:
     worker_class = ShardWorker
+    waiting_for_workers = False
+    elastic_exchange = True  # the run may go on with fewer workers (dist.min_workers)
 
     def __init__(self, cfg: Config, source_factory: Callable | None = None):
         import ray
@@ -77,8 +98,17 @@ class RayBackend:
         if cfg.dist.gpus_per_worker > 1:
             raise UserError(f"dist.gpus_per_worker={cfg.dist.gpus_per_worker:g}: a shard worker "
                             f"computes on one GPU; use one worker per GPU (dist.workers)")
+        if min_workers(cfg) > cfg.dist.workers:
+            raise UserError(f"dist.min_workers={cfg.dist.min_workers} is more than "
+                            f"dist.workers={cfg.dist.workers}")
+        if min_workers(cfg) < cfg.dist.workers and not self.elastic_exchange:
+            raise UserError(f"dist.min_workers={cfg.dist.min_workers}: dist.exchange="
+                            f"{cfg.dist.exchange} runs with dist.workers workers only; elastic "
+                            f"runs use dist.exchange=exact or sketch")
         self.cfg = cfg
         self.num_workers = cfg.dist.workers
+        self.min_workers = min_workers(cfg)
+        self._waiting: set[int] = set()  # slots whose replacement no node had room for yet
         self.exchange = cfg.dist.exchange
         self.timeout = cfg.dist.timeout_s
         self.max_restarts = cfg.dist.max_worker_restarts
@@ -95,12 +125,14 @@ class RayBackend:
         try:
             _check_workers_fit(cfg)  # before any actor: they would wait for dist.timeout_s
             self.workers = [self._new_actor(w) for w in range(self.num_workers)]
+            if self.min_workers < self.num_workers:
+                self._await_placement(list(range(self.num_workers)), "its workers")
             self.info = self._gather({w: (lambda w=w: self.workers[w].info.remote())
-                                      for w in range(self.num_workers)}, what="start", work=False)
+                                      for w in self.live()}, what="start", work=False)
         except BaseException:
             self.close()
             raise
-        self.num_params = self.info[0]["num_params"]
+        self.num_params = next(iter(self.info.values()))["num_params"]
         log.info("RayBackend: %d shard workers on %s, exchange=%s", self.num_workers,
                  [i["device"] for i in self.info.values()], self.exchange)
 
@@ -108,12 +140,16 @@ class RayBackend:
     def _new_actor(self, w: int):
         return self._actor.remote(self._cfg_values, w, self._source_factory)
 
+    def live(self) -> list[int]:
+        """The slots with a worker (all of them unless an elastic run lost some)."""
+        return [w for w in range(self.num_workers) if w not in self._waiting]
+
     def worker_pids(self) -> list[int]:
         """The current workers' process ids (after any replacement)."""
         info = self._gather({w: (lambda w=w: self.workers[w].info.remote())
-                             for w in range(self.num_workers)}, what="info", work=False)
+                             for w in self.live()}, what="info", work=False)
         self.info.update(info)
-        return [info[w]["pid"] for w in range(self.num_workers)]
+        return [info[w]["pid"] for w in self.live()]
 
     def _replace(self, w: int, why: str) -> None:
         self.restarts[w] += 1
@@ -130,6 +166,65 @@ class RayBackend:
             pass
         self.workers[w] = self._new_actor(w)
         self._fresh[w] = True
+        self._await_placement([w], f"shard worker {w}'s replacement")
+        if w in self._waiting:
+            raise _Shrunk()
+
+    def _await_placement(self, slots: list[int], what: str) -> None:
+        """Until a node has taken the actors of `slots`. With no room anywhere (a node was lost
+        and the others are full) Ray would keep one pending for ever: the wait is bounded by
+        dist.replace_timeout_s, said when it starts. Past it, an elastic run goes on without
+        the slots still pending if dist.min_workers are left (they rejoin between steps once
+        placed, `grow`); otherwise the run stops. `waiting_for_workers` is set meanwhile (the
+        trainer stops at once on a stop signal then: no step ends soon)."""
+        bound = self.cfg.dist.replace_timeout_s
+        deadline = time.monotonic() + bound
+        pending = [w for w in slots if not self._placed(self.workers[w])]
+        if not pending:
+            return
+        d = self.cfg.dist
+        log.warning("waiting up to %g s (dist.replace_timeout_s) for a node with room for %s "
+                    "(%g CPU, %g GPU each)", bound, what, d.cpus_per_worker, d.gpus_per_worker)
+        self.waiting_for_workers = True
+        try:
+            while pending and time.monotonic() < deadline:
+                time.sleep(PLACEMENT_POLL_S)
+                pending = [w for w in pending if not self._placed(self.workers[w])]
+        finally:
+            self.waiting_for_workers = False
+        if not pending:
+            log.warning("%s placed after %.1f s", what, bound - (deadline - time.monotonic()))
+            return
+        left = len([w for w in self.live() if w not in pending])
+        if left < self.min_workers:
+            raise WorkerFailedError(
+                f"no node had room for {what} within dist.replace_timeout_s={bound:g} s "
+                f"({left} of dist.min_workers={self.min_workers} workers left). The run stops "
+                f"here; its checkpoint is kept (resume with `amfs train --resume RUN_DIR`)")
+        self._waiting.update(pending)
+        log.warning("no node had room for %s within dist.replace_timeout_s=%g s: going on with "
+                    "%d workers (dist.min_workers=%d); shard worker(s) %s rejoin once placed",
+                    what, bound, left, self.min_workers, pending)
+
+    def grow(self) -> None:
+        """Between steps: the waiting slots whose actor a node has taken rejoin the run."""
+        for w in [w for w in self._waiting if self._placed(self.workers[w])]:
+            self._waiting.discard(w)
+            self._fresh[w] = True
+            log.warning("shard worker %d placed: %d workers from this step on", w,
+                        len(self.live()))
+
+    def _placed(self, actor) -> bool:
+        """Whether Ray has leased a worker process on some node for `actor` (from the GCS's
+        actor table: an actor waiting for resources has no address yet). Where this Ray cannot
+        say, it counts as placed (the first call's dist.timeout_s bounds the wait then)."""
+        try:
+            from ray._private import state
+            entry = state.actors(actor._actor_id.hex())
+            return bool(entry["Address"]["IPAddress"]) or entry["State"] not in (
+                "DEPENDENCIES_UNREADY", "PENDING_CREATION")
+        except Exception:
+            return True
 
     def _classify(self, err: BaseException) -> str | None:
         """A one-line reason if `err` is a recoverable worker loss, None if it must be raised."""
@@ -184,7 +279,7 @@ class RayBackend:
         results: dict[int, object] = {}
         for w, result, lost in self._answers(pending, what):
             if lost:
-                self._replace(w, lost)
+                self._replace(w, lost)  # raises _Shrunk when the run goes on without w
                 pending[calls[w]()] = (w, self._deadline(w))
                 continue
             results[w] = result
@@ -195,31 +290,45 @@ class RayBackend:
     # -- one step ---------------------------------------------------------------------------------
     def direction(self, flat_params: torch.Tensor, step: int, task_ids: Sequence[int],
                   weigh: Weigh) -> StepResult:
-        if self.exchange == "sketch":
-            return self._sketch_direction(flat_params, step, task_ids, weigh)
-        return self._exact_direction(flat_params, step, task_ids, weigh)
+        """One step's direction, by the workers there are: a worker lost without room for its
+        replacement in an elastic run makes the step start again with the others (sharding by
+        task id gives the same numbers for any worker count)."""
+        compute = self._sketch_direction if self.exchange == "sketch" else self._exact_direction
+        while True:
+            self.grow()
+            try:
+                result = compute(flat_params, step, task_ids, weigh)
+            except _Shrunk:
+                continue
+            result.timings["workers"] = len(self.live())
+            return result
 
     def _put_params(self, flat_params: torch.Tensor):
         array = flat_params.detach().to("cpu", torch.float32).contiguous().numpy()
         return self._ray.put(array), array.nbytes
 
-    def _active(self, task_ids):
-        shards = shard(task_ids, self.num_workers)
-        return {w: ids for w, ids in enumerate(shards) if ids}
+    def _active(self, task_ids) -> dict[int, tuple[int, list[int]]]:
+        """worker -> (its shard's index k, the task ids k, k + n, ... of n live workers), for
+        the workers with tasks."""
+        live = self.live()
+        return {w: (k, ids) for k, (w, ids) in enumerate(zip(live, shard(task_ids, len(live))))
+                if ids}
 
     def _exact_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
         t0 = time.perf_counter()
         params_ref, params_bytes = self._put_params(flat_params)
         active = self._active(task_ids)
         out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].gradients.remote(
-            params_ref, step, ids)) for w, ids in active.items()}, what=f"gradients step {step}")
-        T, W = len(task_ids), self.num_workers
+            params_ref, step, ids)) for w, (_, ids) in active.items()},
+            what=f"gradients step {step}")
+        T, W = len(task_ids), len(self.live())
         grads = torch.empty(T, self.num_params, dtype=torch.float32)
         loss, acc = torch.empty(T, dtype=torch.float32), torch.empty(T, dtype=torch.float32)
         g_np, l_np, a_np = grads.numpy(), loss.numpy(), acc.numpy()
         moved = params_bytes * len(active)
         for w, (g, l, a, _) in out.items():
-            g_np[w::W], l_np[w::W], a_np[w::W] = g, l, a
+            k = active[w][0]
+            g_np[k::W], l_np[k::W], a_np[k::W] = g, l, a
             moved += g.nbytes + l.nbytes + a.nbytes
         worker_timings = [t for (_, _, _, t) in out.values()]
         worker_bytes = params_bytes + max(g.nbytes + l.nbytes + a.nbytes for g, l, a, _ in out.values())
@@ -237,15 +346,16 @@ class RayBackend:
         params_ref, params_bytes = self._put_params(flat_params)
         active = self._active(task_ids)
         out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].sketches.remote(
-            params_ref, step, ids, round_id)) for w, ids in active.items()},
+            params_ref, step, ids, round_id)) for w, (_, ids) in active.items()},
             what=f"sketches step {step}")
-        T, W, d = len(task_ids), self.num_workers, self.cfg.dist.sketch_dim
+        T, W, d = len(task_ids), len(self.live()), self.cfg.dist.sketch_dim
         sketches = np.empty((T, d), np.float32)
         loss, acc = np.empty(T, np.float32), np.empty(T, np.float32)
         finite = np.empty(T, bool)
         moved = params_bytes * len(active)
         for w, (s, l, a, f, _) in out.items():
-            sketches[w::W], loss[w::W], acc[w::W], finite[w::W] = s, l, a, f
+            k = active[w][0]
+            sketches[k::W], loss[k::W], acc[k::W], finite[k::W] = s, l, a, f
             moved += s.nbytes + l.nbytes + a.nbytes + f.nbytes
         phase1 = [t for (*_, t) in out.values()]
         del out
@@ -265,15 +375,15 @@ class RayBackend:
         phase2: list = []
         t2 = time.perf_counter()
         if weights is not None:
-            sums = self._gather({w: (lambda w=w, ids=ids: self.workers[w].weighted_sum.remote(
-                [params_ref], step, ids, round_id, full[w::W])) for w, ids in active.items()},
+            sums = self._gather({w: (lambda w=w, k=k, ids=ids: self.workers[w].weighted_sum.remote(
+                [params_ref], step, ids, round_id, full[k::W])) for w, (k, ids) in active.items()},
                 what=f"weighted sums step {step}")
             direction = torch.zeros(self.num_params, dtype=torch.float32)
             direction_np = direction.numpy()
             for w in sorted(sums):  # a fixed order: the same sum whatever finishes first
                 total, t = sums[w]
                 np.add(direction_np, total, out=direction_np)
-                moved += full[w::W].nbytes + total.nbytes
+                moved += full[active[w][0]::W].nbytes + total.nbytes
                 phase2.append(t)
             del sums
         gather2 = time.perf_counter() - t2
@@ -282,7 +392,7 @@ class RayBackend:
         timings["weighting_s"] = weighting
         timings["exchange_bytes"] = moved
         # a worker: the parameters in, its sketches out, then its weights in and one sum out
-        timings["worker_bytes"] = (params_bytes + max(len(ids) for ids in active.values())
+        timings["worker_bytes"] = (params_bytes + max(len(ids) for _, ids in active.values())
                                    * (4 * d + 17) + (4 * self.num_params if weights is not None else 0))
         return StepResult(direction, torch.from_numpy(loss), torch.from_numpy(acc), finite_t,
                           weights, timings)

@@ -38,6 +38,9 @@ Here worker 0 opens a TCPStore, and every worker calls init_process_group(store,
 dist.timeout_s); a rebuild is destroy + init on a fresh store. The backend is gloo on the
 CPU and nccl on CUDA (same calls; nccl honours the timeout through torch's asynchronous
 error handling, on by default).
+Each worker advertises the address of its interface that routes to worker 0's node
+(GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, unless set in its environment), not the address its
+hostname resolves to, which is loopback on Debian-style hosts.
 
 Faults: a worker that dies or hangs makes its peers' collective calls fail (at once for a
 closed connection, after dist.timeout_s for a silent peer); they answer "peer lost" instead
@@ -51,11 +54,14 @@ of an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from datetime import timedelta
 from typing import Sequence
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as tdist
 
@@ -79,6 +85,24 @@ def tasks_of(T: int, workers: int) -> list[int]:
     return [len(range(w, T, workers)) for w in range(workers)]
 
 
+SOCKET_IFNAMES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def route_to(host: str, port: int) -> tuple[str, str]:
+    """(address, interface) of this machine that packets to host:port leave from: what a peer
+    can reach this process at when the rendezvous host is reachable. A connected UDP socket
+    sends nothing; the kernel only picks the route."""
+    family, kind, proto, _, target = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.connect(target)
+        address = probe.getsockname()[0]
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return address, name
+    raise RuntimeError(f"no network interface holds {address}, the address this machine "
+                       f"reaches the rendezvous host {host} from")
+
+
 class CollectiveWorker(ShardWorker):
     """A shard worker with a replica of the parameters and the Adam state, in a process group."""
 
@@ -92,6 +116,8 @@ class CollectiveWorker(ShardWorker):
         self.at_step: int | None = None  # the step the replica's parameters are at
         self._store = None
         self._step_data = None           # phase 1 -> phase 2 of one step
+        # set by the user (the raylet's environment): they win over the route to the host
+        self._user_ifnames = {k for k in SOCKET_IFNAMES if os.environ.get(k)}
 
     # -- the group ---------------------------------------------------------------------------------
     def _timeout(self) -> timedelta:
@@ -111,12 +137,24 @@ class CollectiveWorker(ShardWorker):
                 pass
         store = self._store if self.index == 0 else tdist.TCPStore(
             host, port, self.world, is_master=False, timeout=self._timeout())
+        self._advertise_route_to(host, port)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(self.device)
         tdist.init_process_group(backend, store=tdist.PrefixStore(f"g{generation}", store),
                                  rank=self.index, world_size=self.world, timeout=self._timeout())
         return True
+
+    def _advertise_route_to(self, host: str, port: int) -> None:
+        """gloo and NCCL advertise the address the hostname resolves to, which is loopback where
+        /etc/hosts maps it to 127.0.1.1 (Debian, Ubuntu, hostNetwork pods): peers on other
+        nodes then connect to themselves. Name them the interface that routes to the host."""
+        address, interface = route_to(host, port)
+        for key in SOCKET_IFNAMES:
+            if key not in self._user_ifnames:
+                os.environ[key] = interface
+        log.info("collective worker %d advertises %s (%s)", self.index, address,
+                 ", ".join(f"{k}={os.environ[k]}" for k in SOCKET_IFNAMES))
 
     # -- the replica's state ----------------------------------------------------------------------
     def load_state(self, state: dict) -> int:
@@ -272,6 +310,7 @@ class CollectiveBackend(RayBackend):
 
     worker_class = CollectiveWorker
     owns_update = True
+    elastic_exchange = False  # the group and the coordinate shares are made for dist.workers
 
     def __init__(self, cfg, source_factory=None):
         super().__init__(cfg, source_factory)
