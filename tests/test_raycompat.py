@@ -76,6 +76,34 @@ def test_autoscaling_maximum_fallback_warns_and_returns_none(monkeypatch):
 
 
 # -- tune_legacy_output --------------------------------------------------------------------------
+# -- actor_placed --------------------------------------------------------------------------------
+def test_actor_placed_tells_a_placed_actor_from_one_waiting_for_room(ray_session):
+    @ray.remote(num_cpus=0)
+    class Placed:
+        def ping(self):
+            return 1
+
+    @ray.remote(num_cpus=10_000)  # no node of the test cluster has room for it
+    class Waiting:
+        pass
+
+    placed, waiting = Placed.remote(), Waiting.remote()
+    try:
+        ray.get(placed.ping.remote(), timeout=120)
+        assert raycompat.actor_placed(placed)
+        assert not raycompat.actor_placed(waiting)
+    finally:
+        ray.kill(placed)
+        ray.kill(waiting)
+
+
+def test_actor_placed_fallback_warns_and_counts_the_actor_as_placed(monkeypatch):
+    from ray._private import state
+    monkeypatch.delattr(state, "actors")
+    with pytest.warns(RayCompatWarning, match="actor table"):
+        assert raycompat.actor_placed(object()) is True
+
+
 def test_tune_legacy_output_turns_tunes_new_output_engine_off(monkeypatch):
     from ray.tune.experimental.output import get_air_verbosity
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)  # restored after the test

@@ -37,6 +37,7 @@ import torch
 from amfs_dist.algorithms.learner import TaskGradients
 from amfs_dist.backend import StepResult, Weigh, deterministic_block, weighted_direction
 from amfs_dist.config import Config
+from amfs_dist.distributed.raycompat import actor_placed
 from amfs_dist.distributed.worker import ShardWorker
 from amfs_dist.errors import UserError, WorkerFailedError
 
@@ -179,7 +180,7 @@ class RayBackend:
         trainer stops at once on a stop signal then: no step ends soon)."""
         bound = self.cfg.dist.replace_timeout_s
         deadline = time.monotonic() + bound
-        pending = [w for w in slots if not self._placed(self.workers[w])]
+        pending = [w for w in slots if not actor_placed(self.workers[w])]
         if not pending:
             return
         d = self.cfg.dist
@@ -189,7 +190,7 @@ class RayBackend:
         try:
             while pending and time.monotonic() < deadline:
                 time.sleep(PLACEMENT_POLL_S)
-                pending = [w for w in pending if not self._placed(self.workers[w])]
+                pending = [w for w in pending if not actor_placed(self.workers[w])]
         finally:
             self.waiting_for_workers = False
         if not pending:
@@ -208,23 +209,11 @@ class RayBackend:
 
     def grow(self) -> None:
         """Between steps: the waiting slots whose actor a node has taken rejoin the run."""
-        for w in [w for w in self._waiting if self._placed(self.workers[w])]:
+        for w in [w for w in self._waiting if actor_placed(self.workers[w])]:
             self._waiting.discard(w)
             self._fresh[w] = True
             log.warning("shard worker %d placed: %d workers from this step on", w,
                         len(self.live()))
-
-    def _placed(self, actor) -> bool:
-        """Whether Ray has leased a worker process on some node for `actor` (from the GCS's
-        actor table: an actor waiting for resources has no address yet). Where this Ray cannot
-        say, it counts as placed (the first call's dist.timeout_s bounds the wait then)."""
-        try:
-            from ray._private import state
-            entry = state.actors(actor._actor_id.hex())
-            return bool(entry["Address"]["IPAddress"]) or entry["State"] not in (
-                "DEPENDENCIES_UNREADY", "PENDING_CREATION")
-        except Exception:
-            return True
 
     def _classify(self, err: BaseException) -> str | None:
         """A one-line reason if `err` is a recoverable worker loss, None if it must be raised."""

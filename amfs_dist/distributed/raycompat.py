@@ -88,6 +88,26 @@ def autoscaling_maximum() -> dict[str, float] | None:
     return read()
 
 
+def actor_placed(actor) -> bool:
+    """Whether Ray has leased a worker process on some node for `actor`: an actor still waiting
+    for a node with room has no address in the GCS's actor table yet.
+
+    Upstream: the public state API (ray.util.state.get_actor) asks the dashboard's state server,
+    which the private instances amfs starts do not run; the GCS's own actor table behind it is
+    read by ray._private.state.actors. Fallback: True (the actor counts as placed, and the first
+    call on it, bounded by dist.timeout_s, finds out)."""
+    check_ray_version()
+    try:
+        from ray._private.state import actors
+        entry = actors(actor._actor_id.hex())
+        address, state = entry["Address"]["IPAddress"], entry["State"]
+    except Exception as e:  # gone, reshaped, or the GCS unreachable: never fail the run here
+        _fallback(f"the GCS actor table (ray._private.state.actors) cannot be read ({e!r})",
+                  "a replacement worker counts as placed")
+        return True
+    return bool(address) or state not in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+
+
 def tune_legacy_output() -> None:
     """Make Tune show the progress reporter passed to it (its legacy output engine).
 
