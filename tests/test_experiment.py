@@ -238,3 +238,14 @@ def test_ray_job_submit_runs_an_experiment_with_workers_inside_cells(head_node, 
         rows = [json.loads(l) for l in (cell / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["exchange_bytes"] > 0 for r in rows)  # on a worker
     assert (out / "accuracy_vs_steps.png").is_file()
+
+
+def test_test_time_step_evaluations_go_to_the_heads_that_adapt_by_steps():
+    from amfs_dist.experiment.run import eval_overrides
+    from amfs_dist.experiment.spec import load_experiment
+    spec = load_experiment("steps")
+    extra = {cell.values["method"]: eval_overrides(spec, cell) for cell in spec.cells()}
+    assert set(extra) == {"iamfs", "amfs", "maml", "fomaml"}
+    steps = {f"test_steps={k}" for k in spec.test_steps}
+    for method, evals in extra.items():
+        assert (set(evals) == steps) == (method in ("maml", "fomaml")), method

@@ -35,9 +35,10 @@ class ExperimentFailed(UserError):
 # -- one cell (runs in a Ray worker) -------------------------------------------------------------
 def eval_overrides(spec: ExperimentSpec, cell: Cell) -> dict[str, list[str]]:
     """The cell's extra test evaluations: name -> key=value overrides for eval_run."""
+    from amfs_dist.algorithms.heads import HEADS
     from amfs_dist.config import resolve
     evals = {}
-    if resolve({}, cell.values).inner_loop in ("maml", "fomaml"):
+    if HEADS[resolve({}, cell.values).inner_loop].test_time_steps:
         evals.update({f"test_steps={k}": [f"maml.test_steps={k}"] for k in spec.test_steps})
     for name, changes in spec.cross_domain.items():
         evals[f"target={name}"] = [f"{k}={json.dumps(v)}" for k, v in changes.items()]

@@ -30,6 +30,8 @@ class HeadEntry:
     # method name -> the config values it sets; null keys then read as these
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     classification_only: bool = False  # refused with data.source=sinusoid (regression)
+    # adapts by maml.test_steps gradient steps at test time (the steps experiment varies them)
+    test_time_steps: bool = False
 
 
 ENTRIES = (
@@ -43,10 +45,10 @@ ENTRIES = (
     HeadEntry("maml", "amfs_dist.algorithms.heads.maml:MAMLHead", {
         "oamfs": {"outer.weighting": "cosine"},
         "maml": {"outer.weighting": "mean"},
-    }),
+    }, test_time_steps=True),
     HeadEntry("fomaml", "amfs_dist.algorithms.heads.maml:FirstOrderMAMLHead", {
         "fomaml": {"outer.weighting": "mean"},
-    }),
+    }, test_time_steps=True),
     HeadEntry("protonet", "amfs_dist.algorithms.heads.protonet:ProtoNetHead", {
         "protonet": {"outer.weighting": "mean"},
     }, classification_only=True),
