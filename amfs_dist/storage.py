@@ -22,21 +22,21 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from amfs_dist import locks
 from amfs_dist.errors import UserError
+from amfs_dist.files import cache_dir
 from amfs_dist.runs import MARKER
 
 SCHEMES = ("s3", "gs", "gcs")
 # the order they are pushed in: result.json last, it says the run is complete
+UNSYNCED = ".unsynced"  # in a training copy whose last upload failed
 RUN_FILES = (MARKER, "config.yaml", "checkpoint.pt", "metrics.jsonl", "model.pt", "result.json")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AMFS_CACHE", Path.home() / ".cache" / "amfs-dist"))
 
 
 def is_uri(path) -> bool:
@@ -91,6 +91,21 @@ class RemoteRun:
             raise UserError(f"{self.uri}: upload failed ({_first_line(e)}); the run's files "
                             f"are kept in {self.local}") from None
 
+    def check_writable(self) -> None:
+        """Write and delete a probe object: a missing bucket or a read-only key fails now, not
+        at the first checkpoint's upload."""
+        probe = f"{self.path}/.amfs-write-probe-{uuid.uuid4().hex[:12]}"
+
+        def write_and_delete():
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"amfs")
+            self.fs.delete_file(probe)
+        try:
+            write_and_delete()
+        except OSError as e:
+            raise UserError(f"{self.uri}: not writable ({_first_line(e)}); nothing was "
+                            f"trained") from None
+
     def _io(self, op):
         try:
             return op()
@@ -100,23 +115,59 @@ class RemoteRun:
 
 @contextlib.contextmanager
 def staged_run(uri: str, names=RUN_FILES):
-    """Yield a RemoteRun whose local copy holds `names` pulled from `uri`. User errors name the
-    URI, not the local copy, which is removed afterwards unless a push to the URI failed."""
+    """Yield a RemoteRun whose local copy holds `names` pulled from `uri`, to read them. User
+    errors name the URI, not the local copy, which is removed afterwards unless a push to the
+    URI failed."""
     run = RemoteRun(uri)
     root = cache_dir() / "staging"
     root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(run.uri.encode()).hexdigest()[:12]
-    run.local = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
-    try:
+    run.local = Path(tempfile.mkdtemp(prefix=f"{_key(run.uri)}-", dir=root))
+    with _named_by_uri(run):
         run.pull(names)
         yield run
+
+
+@contextlib.contextmanager
+def training_copy(uri: str, wait_for_lock: bool = False):
+    """Yield a RemoteRun for training the run at `uri` in AMFS_CACHE/staging/<hash of uri>,
+    locked by this process (see locks.py): two trainings of one URI from this machine (one
+    cache) cannot overlap; from two machines they can, object storage has no lock.
+
+    The URI must be writable: a probe object is written and deleted before anything else. A
+    copy left by a killed run is replaced by the URI's files; one whose upload failed
+    (.unsynced) is uploaded first, as it holds what the URI lacks."""
+    run = RemoteRun(uri)
+    run.local = cache_dir() / "staging" / _key(run.uri)
+    with locks.hold(run.local, f"staging copy of {run.uri}", wait_for_lock), _named_by_uri(run):
+        if (run.local / UNSYNCED).is_file():
+            run.push()
+            (run.local / UNSYNCED).unlink()
+        shutil.rmtree(run.local, ignore_errors=True)
+        run.local.mkdir(parents=True)
+        run.check_writable()
+        run.pull()
+        yield run
+
+
+@contextlib.contextmanager
+def _named_by_uri(run: RemoteRun):
+    """User errors name the URI, not the local copy; the copy goes unless a push failed."""
+    try:
+        yield
     except UserError as e:
         if not run.unsynced:
             e.args = (str(e).replace(str(run.local), run.uri),)
         raise
     finally:
-        if not run.unsynced:
+        if run.unsynced:
+            with contextlib.suppress(OSError):
+                (run.local / UNSYNCED).touch()
+        else:
             shutil.rmtree(run.local, ignore_errors=True)
+
+
+def _key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]
 
 
 def cached_store(uri: str) -> Path:

@@ -187,7 +187,8 @@ def test_out_may_be_new_empty_or_an_unfinished_run_of_ours(tmp_path, capsys):
                  "eval.episodes=1"]) == 0
     marker = json.loads((empty / "amfs-run.json").read_text())
     assert marker["package"] == "amfs-dist"
-    (empty / "checkpoint.pt").unlink()  # as if the run had failed before its first checkpoint
+    for name in ("checkpoint.pt", "model.pt", "result.json"):  # as if the run had failed
+        (empty / name).unlink()                                    # before its first checkpoint
     assert main(["train", "--out", str(empty), "--no-progress", *TINY, "train.steps=1",
                  "eval.episodes=1"]) == 0
     mine = tmp_path / "mine"

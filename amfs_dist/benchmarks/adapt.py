@@ -26,10 +26,10 @@ def register(sub) -> None:
 
 def _trained(cfg, run_dir: str | None, tmp: Path, name: str):
     from amfs_dist.evaluate import load_run
-    from amfs_dist.train import run_training
+    from amfs_dist import lifecycle
     if run_dir is None:
         run_dir = tmp / name
-        run_training(cfg.replace(**{"eval.episodes": 1}), out=run_dir, progress=False)
+        lifecycle.train(cfg.replace(**{"eval.episodes": 1}), run_dir, progress=False)
     return load_run(run_dir)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from amfs_dist.data.episodes import Episodes, ImageSet, task_rng
-from amfs_dist.storage import cache_dir
+from amfs_dist.files import cache_dir
 
 GLYPH_CLASSES = {"train": 480, "val": 80, "test": 160}
 GLYPH_INSTANCES = 20  # as in Omniglot: 20 drawers per character

@@ -47,7 +47,7 @@ def run_cell(cell_dir: str, values: dict, evals: dict[str, list[str]]) -> dict:
     cell.json; returns it."""
     from amfs_dist.config import resolve
     from amfs_dist.evaluate import eval_run
-    from amfs_dist.train import run_training
+    from amfs_dist import lifecycle
 
     reset_peak_rss()
     run = Path(cell_dir)
@@ -55,7 +55,7 @@ def run_cell(cell_dir: str, values: dict, evals: dict[str, list[str]]) -> dict:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     trained = not (run / "result.json").is_file()
     if trained:  # start, or continue from the checkpoint a stopped cell left
-        run_training(resolve({}, values), out=run, progress=False, resume_if_exists=True)
+        lifecycle.train(resolve({}, values), run, progress=False, start_or_continue=True)
     done = info.get("evals", {})
     for name, overrides in evals.items():
         if name not in done:
