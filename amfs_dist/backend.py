@@ -82,6 +82,13 @@ def deterministic_block(cfg: Config) -> int:
     return cfg.dist.block_size if cfg.train.deterministic else 0
 
 
+def resolve_device(cfg: Config) -> str:
+    """train.device, with auto meaning CUDA where there is one."""
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
 def set_deterministic(cfg: Config) -> None:
     """train.deterministic: deterministic kernels and one intra-op thread in this process
     (CPU reductions split over threads round differently with another thread count)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -37,20 +38,23 @@ def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file beside `path` for writing; on success it replaces `path`."""
+def atomic_write(path: str | Path, mode: str = "w", **open_options) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing (open's mode and options); on success
+    it replaces `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **open_options) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the content
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write's error names no file
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -70,15 +74,19 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    """Strict JSON (a NaN or infinity is an error, never written: use None for missing)."""
-    write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+def write_json(path: str | Path, obj: Any, indent: int | None = 2, **options) -> None:
+    """Strict JSON: a NaN or infinite float is written as null (missing), as JSON has no such
+    numbers and strict readers refuse them."""
+    write_text(path, json.dumps(finite_or_none(obj), indent=indent, allow_nan=False,
+                                **options) + "\n")
 
 
 def torch_save(obj: Any, path: str | Path) -> None:
     import torch
+    buffer = io.BytesIO()  # torch's own writer turns a full disk into a RuntimeError
+    torch.save(obj, buffer)
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def read_json(path: str | Path, what: str) -> Any:

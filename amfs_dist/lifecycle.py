@@ -47,10 +47,10 @@ def train(cfg: Config, out: str | Path | None = None, *, start_or_continue: bool
     resumed from its checkpoint, or its result returned when it has finished."""
     with _owned(out or default_run_dir(cfg), wait_for_lock) as (run_dir, remote):
         if start_or_continue and (run_dir / CONFIG).is_file():
-            if not is_run_dir(run_dir):
+            check_run_version(run_dir)  # a torn marker: named
+            if not is_run_dir(run_dir):  # someone's own folder: never taken for a run of ours
                 raise UserError(f"--out {_name(run_dir, remote)}: holds a config.yaml but is "
                                 f"not an amfs run (no {MARKER}); choose another --out")
-            check_run_version(run_dir)
             _check_same_config(run_dir, cfg)
             if (run_dir / RESULT).is_file():  # finished: nothing to redo
                 return read_result(run_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import sys
@@ -34,6 +35,17 @@ def add_wait_flag(parser) -> None:
     parser.add_argument("--wait-for-lock", action="store_true",
                         help="if another amfs process is using --out, wait until it ends "
                              "instead of refusing")
+
+
+def holding_out(what: str):
+    """Decorate a command's run(args) to hold args.out (a folder) while it runs."""
+    def decorate(run):
+        @functools.wraps(run)
+        def run_holding_out(args):
+            with hold(args.out, what, args.wait_for_lock):
+                return run(args)
+        return run_holding_out
+    return decorate
 
 
 @contextlib.contextmanager

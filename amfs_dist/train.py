@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.algorithms.outer import task_weights
 from amfs_dist.backend import (GradientBackend, InProcessBackend, StepResult, apply_direction,
-                               set_deterministic)
+                               resolve_device, set_deterministic)
 from amfs_dist.config import Config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
 from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
-from amfs_dist.evaluate import evaluate_episodes, resolve_device
+from amfs_dist.evaluate import evaluate_episodes
 from amfs_dist.files import finite_or_none, torch_save, write_json, write_text
 from amfs_dist.runs import (CHECKPOINT, CONFIG, MODEL, RESULT, load_module_state, load_torch_file,
                             read_metrics)

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY as SHARED_TINY
 from conftest import PickleThatWritesAFile
 
+from amfs_dist import __version__
 from amfs_dist.cli import main
 
 # fewer eval episodes and a checkpoint every step: the runs these rows start from are quick
@@ -134,7 +135,39 @@ ROWS = [
     ("item17-eval-config-not-utf8", 2, lambda t, r: (
         write(r / "config.yaml", (r / "config.yaml").read_bytes() + b"# \xff\n")
         and ["eval", str(r)], "config.yaml")),
+    # run directories: a finished run is kept, only our runs are continued, damage is named
+    ("out-finished-run-without-checkpoint", 2, lambda t, r: (
+        (r / "checkpoint.pt").unlink() or ["train", "--out", str(r), *TINY, "seed=7"],
+        "finished run")),
+    ("resume-if-exists-folder-not-ours", 2, lambda t, r: (
+        not_ours(t, r) and ["train", "--out", str(t / "mine"), "--resume-if-exists", *TINY,
+                            "train.steps=2"], "amfs-run.json")),
+    ("resume-if-exists-torn-result", 2, lambda t, r: (
+        truncate(r / "result.json") and start_or_continue(r), "result.json")),
+    ("resume-if-exists-empty-result", 2, lambda t, r: (
+        write(r / "result.json", "") and start_or_continue(r), "result.json")),
+    ("resume-if-exists-torn-marker", 2, lambda t, r: (
+        truncate(r / "amfs-run.json") and start_or_continue(r), "amfs-run.json")),
+    ("resume-empty-config", 2, lambda t, r: (
+        write(r / "config.yaml", "") and ["train", "--resume", str(r)], "config.yaml")),
+    ("resume-run-of-a-newer-amfs", 2, lambda t, r: (
+        write(r / "amfs-run.json", '{"package": "amfs-dist", "version": "99.0"}')
+        and ["train", "--resume", str(r), "train.steps=3"], f"amfs 99.0, newer than this amfs "
+                                                             f"{__version__}")),
+    ("data-source-path-component-too-long", 2, lambda t, r: (
+        train(t, "data.source=" + "b" * 100_000), "a path component of 100000 bytes")),
 ]
+
+
+def not_ours(tmp, run):
+    """A user's folder with a copy of a run's config.yaml and a hand-written result.json."""
+    (tmp / "mine").mkdir()
+    shutil.copy(run / "config.yaml", tmp / "mine")
+    return write(tmp / "mine" / "result.json", '{"test_accuracy": 1.0}\n')
+
+
+def start_or_continue(run):
+    return ["train", "--out", str(run), "--resume-if-exists", *TINY, "train.steps=2"]
 
 
 @pytest.mark.parametrize("setup,code", [pytest.param(s, c, id=i) for i, c, s in ROWS])
@@ -152,7 +185,7 @@ def test_bad_input_is_one_line_and_changes_nothing(setup, code, run, tmp_path, c
     assert "Traceback" not in out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amfs: error: "), err
-    assert named in lines[0]
+    assert named in lines[0] and len(lines[0]) < 1000  # a long value is cut
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
 

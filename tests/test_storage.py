@@ -152,6 +152,45 @@ def test_a_store_on_s3_is_a_data_source(s3, tiny, tmp_path, capsys, monkeypatch)
     assert "manifest.json is missing" in capsys.readouterr().err
 
 
+def test_a_bucket_that_cannot_be_written_fails_before_training(s3, tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    """The first upload used to come only after train.checkpoint_every steps."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    uri = "s3://nobucket/run"
+    assert main(["train", "--out", uri, "--no-progress", *tiny, "train.steps=2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and "not writable" in lines[0], lines
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
+@pytest.mark.slow
+def test_a_killed_runs_staging_copy_is_reused_and_removed(s3, tiny, tmp_path):
+    """SIGKILL leaves the local copy of an s3:// run; continuing the run takes it over."""
+    uri = f"s3://{BUCKET}/runs/killed"
+    env = {**os.environ, "AMFS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    train = [sys.executable, "-m", "amfs_dist", "train", "--out", uri, "--no-progress", *tiny,
+             "train.checkpoint_every=1", "train.steps=100000"]
+    proc = subprocess.Popen(train, env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while CHECKPOINT not in _files(s3, "runs/killed") and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(os.listdir(tmp_path / "cache" / "staging")) == 2  # the copy and its lock file
+    done = subprocess.run([sys.executable, "-m", "amfs_dist", "train", "--resume", uri,
+                           "--no-progress", "train.steps=1"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr  # train.steps=1: it finishes at once
+    assert json.loads(done.stdout)["meta_steps"] >= 1
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
 @pytest.mark.parametrize("uri", ["ftp://host/run", "s4://bucket/run"])
 def test_an_unknown_scheme_is_one_line_and_exit_2(uri, tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -25,8 +25,8 @@ def register(sub) -> None:
 
 
 def _trained(cfg, run_dir: str | None, tmp: Path, name: str):
-    from amfs_dist.evaluate import load_run
     from amfs_dist import lifecycle
+    from amfs_dist.evaluate import load_run
     if run_dir is None:
         run_dir = tmp / name
         lifecycle.train(cfg.replace(**{"eval.episodes": 1}), run_dir, progress=False)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import tempfile
 import time
 
+from amfs_dist.backend import resolve_device
 from amfs_dist.benchmarks.common import add_config_arguments, emit, machine
 from amfs_dist.config import Config, load_config
-from amfs_dist.evaluate import resolve_device
 
 METHODS = ("amfs", "iamfs", "maml", "fomaml", "protonet", "r2d2")
 

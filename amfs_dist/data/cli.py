@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from amfs_dist.locks import add_wait_flag, holding_out
+
 DATASETS = ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs")
 
 
@@ -43,6 +45,7 @@ def register(subparsers) -> None:
                          help="cub only: crop every image to its bounding box")
     prepare.add_argument("--force", action="store_true",
                          help="replace an existing store at --out (never any other folder)")
+    add_wait_flag(prepare)
     prepare.set_defaults(func=run_prepare)
 
     info = sub.add_parser("info", help="print the classes and images of a store per split",
@@ -55,6 +58,7 @@ def register(subparsers) -> None:
     info.set_defaults(func=run_info)
 
 
+@holding_out("store")  # two prepares of one --out: the second is refused or waits
 def run_prepare(args: argparse.Namespace) -> int:
     from amfs_dist.data import prepare
     from amfs_dist.data.prepare.common import PrepareOptions

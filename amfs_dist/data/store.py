@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from amfs_dist.data.episodes import SPLITS, ImageSet
 from amfs_dist.errors import UserError
+from amfs_dist.files import write_json
 
 STORE_FORMAT = "amfs-image-store"
 STORE_VERSION = 1
@@ -233,7 +234,7 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
         with pa.OSFile(str(tmp / DATA_FILE), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, len(images)))
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(tmp / MANIFEST_FILE, manifest)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the files already honour it
         if out.exists():  # --force: move the old store aside only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
