@@ -72,12 +72,15 @@ def make_run_dir(run_dir: Path) -> None:
     write_json(run_dir / MARKER, {"package": "amfs-dist", "version": __version__}, indent=None)
 
 
-def read_run_config(run_dir: Path, overrides: list[str] | None = None, flag: str = "--resume"):
-    """The run's config.yaml with `overrides`; an empty (torn) one is refused, not defaulted."""
+def read_run_config(run_dir: Path, overrides: list[str] | None = None, flag: str = "--resume",
+                    name: str | None = None):
+    """The run's config.yaml with `overrides`; an empty (torn) one is refused, not defaulted.
+    Errors name the run as `flag name` (name: the run directory, or its URI)."""
     from amfs_dist.config import load_config
     path = run_dir / CONFIG
     if not path.is_file():
-        raise UserError(f"{flag} {run_dir}: not a run directory (no {CONFIG})")
+        raise UserError(f"{flag} {name or run_dir}".strip() + f": not a run directory "
+                        f"(no {CONFIG})")
     if not path.read_bytes().strip():
         raise UserError(f"{path}: empty; the run's settings are lost (repair it from a copy)")
     return load_config(path, overrides)

@@ -148,6 +148,10 @@ ROWS = [
         write(r / "result.json", "") and start_or_continue(r), "result.json")),
     ("resume-if-exists-torn-marker", 2, lambda t, r: (
         truncate(r / "amfs-run.json") and start_or_continue(r), "amfs-run.json")),
+    ("status-torn-result", 2, lambda t, r: (
+        truncate(r / "result.json") and ["status", str(r)], "result.json")),
+    ("status-empty-config", 2, lambda t, r: (
+        write(r / "config.yaml", "") and ["status", str(r)], "config.yaml")),
     ("resume-empty-config", 2, lambda t, r: (
         write(r / "config.yaml", "") and ["train", "--resume", str(r)], "config.yaml")),
     ("resume-run-of-a-newer-amfs", 2, lambda t, r: (
