@@ -63,6 +63,7 @@ class Trainer:
         self._synced_step = None  # an update-owning backend's replicas are at this step
         self._pulled_step = None  # ... and this trainer's copy was fetched at this step
         self._checkpointed_step = None  # checkpoint.pt holds this step (None: not yet written)
+        self._unwritable_step = None  # the step whose checkpoint could not be written
         # a resume's config: written only once the run has moved on under it, so that a
         # resume that fails first leaves the run as it was
         self.config_to_write: Config | None = None
@@ -100,16 +101,18 @@ class Trainer:
         self._synced_step = self.step
 
     def save_checkpoint(self) -> None:
-        if self.step == self._checkpointed_step:
-            return  # the file holds this step already: a failed resume changes nothing
+        if self.step in (self._checkpointed_step, self._unwritable_step):
+            return  # the file holds this step already (a failed resume changes nothing), or
+            # writing it failed (a full disk): the error on its way out says so, once
         self.pull_state()
         self.write_config()
+        self._unwritable_step = self.step
         torch_save({"step": self.step, "bad_streak": self.bad_streak,
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
                       "torch_rng": torch.get_rng_state(),
                       "input_shape": list(self.source.input_shape)}, self.run_dir / CHECKPOINT)
-        self._checkpointed_step = self.step
+        self._checkpointed_step, self._unwritable_step = self.step, None
         if self.remote is not None:
             self.remote.push()
 
