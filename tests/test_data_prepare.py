@@ -157,6 +157,23 @@ def test_omniglot_lake_split_by_alphabet(tmp_path):
     assert read_manifest(tmp_path / "s")["split"] == "lake"
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """`ulimit -f`: the store's data file cannot be written whole."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+    src, out = lake_tree(tmp_path / "src"), tmp_path / "s"
+    done = subprocess.run([sys.executable, "-m", "amfs_dist", "data", "prepare", "omniglot",
+                           "--src", str(src), "--out", str(out), "--split", "lake"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and str(out) in lines[0], lines
+    assert_nothing_written(out)
+
+
 def test_lake_validation_rule_on_the_standard_background_alphabets():
     background = [a for s, a, _ in split_list("omniglot_vinyals")
                   if s in ("train", "val")][:25] + \

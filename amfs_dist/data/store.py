@@ -248,8 +248,10 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # pyarrow's errors name no file
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from None
         raise
     return manifest
 
