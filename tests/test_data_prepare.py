@@ -5,6 +5,7 @@ import argparse
 import io
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -172,6 +173,27 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0] and str(out) in lines[0], lines
     assert_nothing_written(out)
+
+
+@pytest.mark.slow  # two subprocesses
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv")
+def test_permission_errors_are_one_line_naming_the_path(tmp_path):
+    """Run without root's powers over file modes (setpriv), as a user would be."""
+    src = lake_tree(tmp_path / "src")
+    alphabet = src / "images_background" / "Alpha"
+    (tmp_path / "locked").mkdir(mode=0o555)
+    for out, named in ((tmp_path / "s", alphabet), (tmp_path / "locked" / "s", tmp_path / "locked")):
+        os.chmod(alphabet, 0 if named == alphabet else 0o755)
+        done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all",
+                               sys.executable, "-m", "amfs_dist", "data", "prepare", "omniglot",
+                               "--src", str(src), "--out", str(out), "--split", "lake"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Permission denied" in lines[0], lines
+        assert lines[0].startswith(f"amfs: error: {named}")
+        assert_nothing_written(out)
 
 
 def test_lake_validation_rule_on_the_standard_background_alphabets():
