@@ -1,9 +1,11 @@
 """Run directories and data stores on object storage, against a real S3 HTTP server (moto)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -188,6 +190,26 @@ def test_a_killed_runs_staging_copy_is_reused_and_removed(s3, tiny, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr  # train.steps=1: it finishes at once
     assert json.loads(done.stdout)["meta_steps"] >= 1
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
+def test_a_local_copy_whose_upload_failed_is_uploaded_when_the_run_continues(s3, tiny,
+                                                                             tmp_path, capsys,
+                                                                             monkeypatch):
+    """The copy an upload failure left (the error named it) holds what the URI lacks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/runs/unsynced"
+    with ctrl_c_at_step(1):
+        assert main(["train", "--out", str(tmp_path / "local"), "--no-progress", *tiny,
+                     "train.steps=2"]) == 130
+    copy = tmp_path / "cache" / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    shutil.copytree(tmp_path / "local", copy)
+    (copy / ".unsynced").touch()
+    capsys.readouterr()
+    assert main(["train", "--resume", uri, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta_steps"] == 2
+    assert {"result.json", "model.pt", CHECKPOINT} <= set(_files(s3, "runs/unsynced"))
     assert os.listdir(tmp_path / "cache" / "staging") == []
 
 
