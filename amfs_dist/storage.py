@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -74,8 +75,8 @@ class RemoteRun:
     def pull(self, names=RUN_FILES) -> None:
         for name in names:
             if self.info(name).type == pafs.FileType.File:
-                self._io(lambda: pafs.copy_files(f"{self.path}/{name}", str(self.local / name),
-                                                 source_filesystem=self.fs))
+                self._io(lambda name=name: pafs.copy_files(
+                    f"{self.path}/{name}", str(self.local / name), source_filesystem=self.fs))
 
     def push(self, names=RUN_FILES) -> None:
         """Upload those of `names` the local copy has; names=None: all of it, folders too."""
@@ -121,6 +122,7 @@ def staged_run(uri: str, names=RUN_FILES):
     run = RemoteRun(uri)
     root = cache_dir() / "staging"
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_read_copies(root)
     run.local = Path(tempfile.mkdtemp(prefix=f"{_key(run.uri)}-", dir=root))
     with _named_by_uri(run):
         run.pull(names)
@@ -164,6 +166,15 @@ def _named_by_uri(run: RemoteRun):
                 (run.local / UNSYNCED).touch()
         else:
             shutil.rmtree(run.local, ignore_errors=True)
+
+
+def _remove_stale_read_copies(root: Path, max_age_s: float = 86400) -> None:
+    """Read copies (KEY-RANDOM) that a killed `amfs status` or `amfs eval` left: none of them
+    lives a day. Training copies (KEY) are left alone: one may hold what its URI lacks."""
+    for path in root.glob("*-*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and time.time() - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path)
 
 
 def _key(uri: str) -> str:

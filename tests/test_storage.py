@@ -213,6 +213,21 @@ def test_a_local_copy_whose_upload_failed_is_uploaded_when_the_run_continues(s3,
     assert os.listdir(tmp_path / "cache" / "staging") == []
 
 
+def test_read_copies_a_killed_command_left_are_removed_after_a_day(s3, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    staging = tmp_path / "cache" / "staging"
+    old, recent, training = staging / "0123456789ab-x1", staging / "0123456789ab-x2", \
+        staging / "0123456789ab"
+    for folder in (old, recent, training):
+        folder.mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    os.utime(training, (time.time() - 2 * 86400,) * 2)
+    assert main(["status", f"s3://{BUCKET}/runs/none"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert sorted(os.listdir(staging)) == [training.name, recent.name]
+
+
 @pytest.mark.parametrize("uri", ["ftp://host/run", "s4://bucket/run"])
 def test_an_unknown_scheme_is_one_line_and_exit_2(uri, tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
