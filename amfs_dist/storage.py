@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -179,33 +178,3 @@ def _remove_stale_read_copies(root: Path, max_age_s: float = 86400) -> None:
 
 def _key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:12]
-
-
-def cached_store(uri: str) -> Path:
-    """A local copy of the data store at `uri`, downloaded once (see the module docstring)."""
-    from amfs_dist.data.store import DATA_FILE, MANIFEST_FILE, StoreError
-    remote = RemoteRun(uri)
-    if remote.info(MANIFEST_FILE).type != pafs.FileType.File:
-        raise StoreError(f"{uri}: not an amfs data store ({MANIFEST_FILE} is missing; create "
-                         f"one with `amfs data prepare` and upload the folder)")
-
-    def read_manifest() -> bytes:
-        with remote.fs.open_input_stream(f"{remote.path}/{MANIFEST_FILE}") as f:
-            return f.read()
-    manifest = remote._io(read_manifest)
-    key = hashlib.sha256(remote.uri.encode() + b"\0" + manifest).hexdigest()[:16]
-    local = cache_dir() / "stores" / key
-    if not (local / MANIFEST_FILE).is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local.parent))
-        try:
-            remote.local = tmp
-            remote.pull([DATA_FILE])
-            (tmp / MANIFEST_FILE).write_bytes(manifest)
-            try:
-                os.rename(tmp, local)
-            except OSError:  # another process on this node was faster: use its copy
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return local
