@@ -27,7 +27,7 @@ _held: set[str] = set()  # POSIX locks are per process: a second lock from this 
 
 
 def lock_path(folder: str | Path) -> Path:
-    folder = Path(os.path.abspath(folder))
+    folder = Path(os.path.realpath(folder))  # one lock whichever link or relative path names it
     return folder.parent / f".{folder.name}.lock"
 
 

@@ -95,6 +95,13 @@ def test_a_folder_in_use_by_another_process_is_refused_naming_it(argv, run, tmp_
     assert f"PID {holder.pid} on host {socket.gethostname()}" in line and str(folder) in line
 
 
+def test_a_link_to_a_folder_in_use_is_refused_too(run, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(run)
+    with held_by_another_process(run) as holder:
+        assert main(["train", "--resume", str(tmp_path / "link"), "train.steps=3"]) == 2
+    assert f"PID {holder.pid}" in one_error_line(capsys.readouterr().err)
+
+
 def test_wait_for_lock_waits_for_the_holder_and_a_killed_holder_blocks_nothing(tmp_path,
                                                                                capsys):
     out = tmp_path / "run"
