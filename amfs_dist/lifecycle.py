@@ -34,6 +34,7 @@ from amfs_dist.runs import (
     read_run_config,
 )
 from amfs_dist.storage import RemoteRun, is_uri, training_copy
+from amfs_dist.train import Trainer, finish_run
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -45,18 +46,27 @@ def train(cfg: Config, out: str | Path | None = None, *, start_or_continue: bool
     """Train `cfg` into `out` (default runs/METHOD-TIMESTAMP), test it, write result.json;
     returns the result. With start_or_continue, a run of the same config already in `out` is
     resumed from its checkpoint, or its result returned when it has finished."""
-    with _owned(out or default_run_dir(cfg), wait_for_lock) as (run_dir, remote):
-        if start_or_continue and (run_dir / CONFIG).is_file():
-            check_run_version(run_dir)  # a torn marker: named
-            if not is_run_dir(run_dir):  # someone's own folder: never taken for a run of ours
-                raise UserError(f"--out {_name(run_dir, remote)}: holds a config.yaml but is "
-                                f"not an amfs run (no {MARKER}); choose another --out")
-            _check_same_config(run_dir, cfg)
-            if (run_dir / RESULT).is_file():  # finished: nothing to redo
-                return read_result(run_dir)
-            if (run_dir / CHECKPOINT).is_file():
-                return _resume(run_dir, None, remote, loop)
-        return _start(cfg, run_dir, remote, loop)
+    out = out or default_run_dir(cfg)
+    if not is_uri(out) and not (start_or_continue and (Path(out) / CONFIG).is_file()):
+        check_new_run_dir(Path(out))  # refused before anything is built
+    # bad data or model settings are refused before anything is written, the lock included
+    trainer = Trainer(cfg, Path(str(out)), loop.pop("backend", None))
+    try:
+        with _owned(out, wait_for_lock) as (run_dir, remote):
+            trainer.run_dir, trainer.remote = run_dir, remote
+            if start_or_continue and (run_dir / CONFIG).is_file():
+                check_run_version(run_dir)  # a torn marker: named
+                if not is_run_dir(run_dir):  # someone's own folder: never taken for ours
+                    raise UserError(f"--out {_name(run_dir, remote)}: holds a config.yaml but "
+                                    f"is not an amfs run (no {MARKER}); choose another --out")
+                _check_same_config(run_dir, cfg)
+                if (run_dir / RESULT).is_file():  # finished: nothing to redo
+                    return read_result(run_dir)
+                if (run_dir / CHECKPOINT).is_file():
+                    return _resume(run_dir, None, loop, trainer)
+            return _start(trainer, loop)
+    finally:
+        trainer.close()
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None, *,
@@ -66,7 +76,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, *,
     if not is_uri(run_dir):
         read_run_config(Path(run_dir))  # not a run: refused before anything is written
     with _owned(run_dir, wait_for_lock) as (local, remote):
-        return _resume(local, overrides, remote, loop)
+        return _resume(local, overrides, loop, remote=remote)
 
 
 @contextlib.contextmanager
@@ -84,32 +94,29 @@ def _name(run_dir: Path, remote: RemoteRun | None) -> str:
     return remote.uri if remote else str(run_dir)
 
 
-def _start(cfg: Config, run_dir: Path, remote: RemoteRun | None, loop: dict) -> dict:
-    from amfs_dist.train import Trainer, finish_run
+def _start(trainer: Trainer, loop: dict) -> dict:
     started = time.perf_counter()
-    check_new_run_dir(run_dir)
-    trainer = Trainer(cfg, run_dir, loop.pop("backend", None))  # bad settings: nothing written
-    trainer.remote = remote
+    check_new_run_dir(trainer.run_dir)  # again, now that the directory is ours
     progress = loop.pop("progress", True)
-    try:
-        _ = trainer.backend  # workers the cluster cannot hold are refused before any write
-        make_run_dir(run_dir)
-        save_config(cfg, run_dir / CONFIG)
-        trainer.fit(progress=progress, **loop)
-    finally:
-        trainer.close()
+    _ = trainer.backend  # workers the cluster cannot hold are refused before any write
+    make_run_dir(trainer.run_dir)
+    save_config(trainer.cfg, trainer.run_dir / CONFIG)
+    trainer.fit(progress=progress, **loop)
+    trainer.close()
     return finish_run(trainer, started, progress)
 
 
-def _resume(run_dir: Path, overrides: list[str] | None, remote: RemoteRun | None,
-            loop: dict) -> dict:
-    from amfs_dist.train import Trainer, finish_run
+def _resume(run_dir: Path, overrides: list[str] | None, loop: dict,
+            trainer: Trainer | None = None, remote: RemoteRun | None = None) -> dict:
+    """Continue the run in `run_dir`, with `trainer` when start-or-continue built it already
+    (of the same config), else with one built from config.yaml and `overrides`."""
     started = time.perf_counter()
     check_run_version(run_dir)
     cfg = read_run_config(run_dir, overrides)
     _refuse_model_changes(run_dir, read_run_config(run_dir), cfg)
-    trainer = Trainer(cfg, run_dir, loop.pop("backend", None))
-    trainer.remote = remote
+    if trainer is None:
+        trainer = Trainer(cfg, run_dir, loop.pop("backend", None))
+        trainer.remote = remote
     progress = loop.pop("progress", True)
     try:
         trainer.load_checkpoint()  # a damaged or mismatching checkpoint, too

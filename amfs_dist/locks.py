@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import socket
 import sys
@@ -37,15 +36,19 @@ def add_wait_flag(parser) -> None:
                              "instead of refusing")
 
 
-def holding_out(what: str):
-    """Decorate a command's run(args) to hold args.out (a folder) while it runs."""
-    def decorate(run):
-        @functools.wraps(run)
-        def run_holding_out(args):
-            with hold(args.out, what, args.wait_for_lock):
-                return run(args)
-        return run_holding_out
-    return decorate
+def wait_until_free(folder: str | Path, what: str, wait: bool = False) -> None:
+    """Refuse (or, with wait, wait) now if another process holds `folder`, writing nothing: a
+    long job checks this before it starts, and holds the lock only to write its result."""
+    if str(lock_path(folder)) in _held:
+        return  # this process holds it (closing another descriptor would release it)
+    try:
+        fd = os.open(lock_path(folder), os.O_RDWR)
+    except FileNotFoundError:
+        return  # nobody holds it
+    try:
+        _lock(fd, folder, lock_path(folder), what, wait, announced=False)
+    finally:
+        os.close(fd)  # releases it at once
 
 
 @contextlib.contextmanager
@@ -60,19 +63,10 @@ def hold(folder: str | Path, what: str, wait: bool = False) -> Iterator[Path]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _holder(fd)
+            announced = _lock(fd, folder, path, what, wait, announced)
+        except BaseException:
             os.close(fd)
-            if not wait:
-                raise UserError(f"{folder}: the {what} is in use by {holder} (lock {path}); "
-                                f"wait for it to end, or pass --wait-for-lock") from None
-            if not announced:
-                print(f"amfs: waiting for {holder} to release the {what} {folder}",
-                      file=sys.stderr, flush=True)
-                announced = True
-            time.sleep(POLL_S)
-            continue
+            raise
         if _same_file(fd, path):
             break
         os.close(fd)  # its holder removed it while we waited: lock the new one
@@ -86,6 +80,25 @@ def hold(folder: str | Path, what: str, wait: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(path)  # still locked: a waiter that opened it sees it gone and retries
         os.close(fd)
+
+
+def _lock(fd: int, folder, path: Path, what: str, wait: bool, announced: bool) -> bool:
+    """Lock `fd`; if another process holds it, refuse or wait (saying so once). Returns
+    whether the wait was announced."""
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return announced
+        except OSError:
+            holder = _holder(fd)
+        if not wait:
+            raise UserError(f"{folder}: the {what} is in use by {holder} (lock {path}); "
+                            f"wait for it to end, or pass --wait-for-lock")
+        if not announced:
+            print(f"amfs: waiting for {holder} to release the {what} {folder}",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(POLL_S)
 
 
 def _holder(fd: int) -> str:

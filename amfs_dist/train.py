@@ -57,6 +57,7 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0
         self._backend = backend
+        self._closed = False  # close() was called: the backend's workers are gone
         self.stop_signal: int | None = None
         self._updating = self._stop_now = False  # a second stop signal waits for the update
         self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
@@ -278,8 +279,9 @@ class Trainer:
         self.save_checkpoint()
 
     def close(self) -> None:
-        if self._backend is not None:
+        if self._backend is not None and not self._closed:
             self._backend.close()
+        self._closed = True
 
 
 def _conflict_metrics(cfg: Config, step: int, finite: torch.Tensor, weights: list | None) -> dict:

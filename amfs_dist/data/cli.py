@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from amfs_dist.locks import add_wait_flag, holding_out
+from amfs_dist.locks import add_wait_flag, hold, wait_until_free
 
 DATASETS = ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs")
 
@@ -58,7 +58,6 @@ def register(subparsers) -> None:
     info.set_defaults(func=run_info)
 
 
-@holding_out("store")  # two prepares of one --out: the second is refused or waits
 def run_prepare(args: argparse.Namespace) -> int:
     from amfs_dist.data import prepare
     from amfs_dist.data.prepare.common import PrepareOptions
@@ -74,14 +73,16 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise StoreError(f"--src {args.src} is inside --out {args.out}; choose an --out "
                          f"outside the source data")
     check_out(args.out, args.force)
+    wait_until_free(args.out, "store", args.wait_for_lock)  # a second prepare: refused or waits
     opts = PrepareOptions(image_size=args.image_size, split=args.split, rotations=args.rotations,
                           allow_pickle=args.allow_pickle, bbox_crop=args.bbox_crop)
     start = time.perf_counter()
     data, split_name = prepare.load(args.name, args.src, opts)
     options = {"image_size": int(data.image_shape[-1]), "rotations": args.rotations,
                "bbox_crop": args.bbox_crop, "src": str(args.src.resolve())}
-    write_store(args.out, data, source=args.name, split_name=split_name, options=options,
-                force=args.force)
+    with hold(args.out, "store", args.wait_for_lock):  # checks --out again, then writes
+        write_store(args.out, data, source=args.name, split_name=split_name, options=options,
+                    force=args.force)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     print(summary_table(args.out, open_store(args.out)))
     return 0
