@@ -61,7 +61,8 @@ class Run:
 
 
 def train_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
-          resume_if_exists: bool = False, progress: bool = False, **overrides: Any) -> Run:
+          resume_if_exists: bool = False, progress: bool = False, wait_for_lock: bool = False,
+          **overrides: Any) -> Run:
     """Meta-train and evaluate on the test split: what `amfs train` does.
 
     config: a Config, a mapping (nested as in a YAML file, or {dotted key: value}), a YAML
@@ -69,8 +70,9 @@ def train_run(config: Config | dict | str | Path | None = None, out: str | Path 
     or with underscores (kernel_lam=1). out: the run directory or an s3:// / gs:// URI
     (default runs/METHOD-TIMESTAMP). resume_if_exists: continue the run in `out` if there is
     one with the same config (a finished one is only read back), else start it.
+    wait_for_lock: wait for another process that owns `out`, instead of refusing.
     """
-    from amfs_dist.train import default_run_dir, run_training
+    from amfs_dist import lifecycle
 
     extra = _overrides(overrides)
     if isinstance(config, Config):
@@ -81,8 +83,9 @@ def train_run(config: Config | dict | str | Path | None = None, out: str | Path 
         cfg = load_config(config, extra)
     if resume_if_exists and out is None:
         raise UserError("resume_if_exists needs out (the run to start or continue)")
-    out = str(out) if out is not None else str(default_run_dir(cfg))
-    result = run_training(cfg, out=out, progress=progress, resume_if_exists=resume_if_exists)
+    out = str(out) if out is not None else str(lifecycle.default_run_dir(cfg))
+    result = lifecycle.train(cfg, out, start_or_continue=resume_if_exists,
+                             wait_for_lock=wait_for_lock, progress=progress)
     return Run(out, result)
 
 

@@ -13,9 +13,10 @@ replicas of the parameters and Adam state and update them themselves, so the tra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -80,6 +81,13 @@ def apply_direction(learner: MetaLearner, optimizer: torch.optim.Optimizer,
 def deterministic_block(cfg: Config) -> int:
     """train.deterministic: the Gram block size (dist.block_size), else 0 (off)."""
     return cfg.dist.block_size if cfg.train.deterministic else 0
+
+
+def resolve_device(cfg: Config) -> str:
+    """train.device, with auto meaning CUDA where there is one."""
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
 
 
 def set_deterministic(cfg: Config) -> None:

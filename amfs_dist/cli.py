@@ -1,16 +1,20 @@
 """The `amfs` command line: train, eval, predict, status, data, tune, experiment, bench.
 
 Each command lives in its own module exposing register(subparsers); the parser it adds sets
-func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2.
+func=run, and run(args) returns the exit code. UserError becomes one line on stderr, exit 2;
+an OSError that reaches here (a full disk, a permission refused) one line naming the path and
+what went wrong, exit 1: the environment's fault, not the input's.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from amfs_dist import stopping
 from amfs_dist.errors import RunStopped, UserError
+from amfs_dist.files import describe_os_error
 
 COMMAND_MODULES = [
     "amfs_dist.commands.train",
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"amfs: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"amfs: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2 if e.errno == errno.ENAMETOOLONG else 1  # a name too long is the input's
     except KeyboardInterrupt as e:
         stop = stopping.as_stop(e)
         if stop is None:

@@ -467,4 +467,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(cfg.to_dict(), sort_keys=False))
+    from amfs_dist.files import write_text
+    write_text(path, dump_yaml(cfg.to_dict(), sort_keys=False))

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
+from amfs_dist.backend import resolve_device
 from amfs_dist.config import load_config
 from amfs_dist.errors import UserError
 from amfs_dist.runs import load_module_state, load_torch_file
@@ -67,12 +68,6 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     load_module_state(learner.module, saved["model"], model_path,
                       f"{run / 'config.yaml'}{' with the overrides' if overrides else ''}")
     return cfg, learner, input_shape
-
-
-def resolve_device(cfg) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.train.device
 
 
 def eval_run(run_dir: str | Path, episodes: int | None = None,

@@ -11,12 +11,18 @@ import pickle
 from pathlib import Path
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from amfs_dist import __version__
 from amfs_dist.errors import UserError
+from amfs_dist.files import read_json, shorten, write_json
 
 MARKER = "amfs-run.json"  # written when a run directory is made: `--out` may reuse only these
+CONFIG = "config.yaml"
+RESULT = "result.json"
+MODEL = "model.pt"
+CHECKPOINT = "checkpoint.pt"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -26,11 +32,34 @@ def is_run_dir(path: Path) -> bool:
         return False
 
 
-def check_new_run_dir(run_dir: Path, checkpoint: str) -> None:
-    """`--out` may be new, empty, or a run directory of ours that holds no checkpoint yet."""
+def check_run_version(run_dir: Path) -> None:
+    """A run written by a newer amfs may hold what this one cannot read: refused, naming both."""
+    if not (run_dir / MARKER).is_file():
+        return
+    marker = read_json(run_dir / MARKER, "run marker")
+    written = marker.get("version") if isinstance(marker, dict) else None
+    if not isinstance(written, str) or marker.get("package") != "amfs-dist":
+        raise UserError(f"{run_dir / MARKER}: not an amfs run marker; repair or remove it")
+    try:
+        newer = Version(written) > Version(__version__)
+    except InvalidVersion:
+        raise UserError(f"{run_dir / MARKER}: unreadable amfs version {shorten(written, 40)!r}"
+                        ) from None
+    if newer:
+        raise UserError(f"{run_dir}: written by amfs {written}, newer than this amfs "
+                        f"{__version__}; use amfs {written} or later for it")
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """`--out` may be new, empty, or a run directory of ours that has neither a checkpoint nor
+    a result yet (one whose first steps failed)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: exists and is not a directory")
-    if (run_dir / checkpoint).exists():
+    if (run_dir / RESULT).exists() or (run_dir / MODEL).exists():
+        raise UserError(f"--out {run_dir}: holds a finished run; evaluate it with "
+                        f"`amfs eval {run_dir}`, extend it with `amfs train --resume {run_dir} "
+                        f"train.steps=N`, or choose another --out")
+    if (run_dir / CHECKPOINT).exists():
         raise UserError(f"--out {run_dir}: holds a run already; resume it with "
                         f"`amfs train --resume {run_dir}` or choose another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
@@ -40,7 +69,28 @@ def check_new_run_dir(run_dir: Path, checkpoint: str) -> None:
 
 def make_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text(json.dumps({"package": "amfs-dist", "version": __version__}) + "\n")
+    write_json(run_dir / MARKER, {"package": "amfs-dist", "version": __version__}, indent=None)
+
+
+def read_run_config(run_dir: Path, overrides: list[str] | None = None, flag: str = "--resume",
+                    name: str | None = None):
+    """The run's config.yaml with `overrides`; an empty (torn) one is refused, not defaulted.
+    Errors name the run as `flag name` (name: the run directory, or its URI)."""
+    from amfs_dist.config import load_config
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise UserError(f"{flag} {name or run_dir}".strip() + f": not a run directory "
+                        f"(no {CONFIG})")
+    if not path.read_bytes().strip():
+        raise UserError(f"{path}: empty; the run's settings are lost (repair it from a copy)")
+    return load_config(path, overrides)
+
+
+def read_result(run_dir: Path) -> dict:
+    result = read_json(run_dir / RESULT, "result")
+    if not isinstance(result, dict):
+        raise UserError(f"{run_dir / RESULT}: not an amfs result (not a JSON object)")
+    return result
 
 
 def load_torch_file(path: Path, keys: tuple[str, ...], what: str,

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tempfile
+import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from amfs_dist import locks
 from amfs_dist.errors import UserError
+from amfs_dist.files import cache_dir
 from amfs_dist.runs import MARKER
 
 SCHEMES = ("s3", "gs", "gcs")
@@ -36,11 +39,8 @@ SCHEMES = ("s3", "gs", "gcs")
 # command then fails with one line after about twice this (docs: README, object storage)
 GCS_RETRY_TIME_LIMIT = timedelta(seconds=10)
 # the order they are pushed in: result.json last, it says the run is complete
+UNSYNCED = ".unsynced"  # in a training copy whose last upload failed
 RUN_FILES = (MARKER, "config.yaml", "checkpoint.pt", "metrics.jsonl", "model.pt", "result.json")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AMFS_CACHE", Path.home() / ".cache" / "amfs-dist"))
 
 
 def is_uri(path) -> bool:
@@ -81,8 +81,8 @@ class RemoteRun:
     def pull(self, names=RUN_FILES) -> None:
         for name in names:
             if self.info(name).type == pafs.FileType.File:
-                self._io(lambda: pafs.copy_files(f"{self.path}/{name}", str(self.local / name),
-                                                 source_filesystem=self.fs))
+                self._io(lambda name=name: pafs.copy_files(
+                    f"{self.path}/{name}", str(self.local / name), source_filesystem=self.fs))
 
     def push(self, names=RUN_FILES) -> None:
         """Upload those of `names` the local copy has; names=None: all of it, folders too."""
@@ -98,6 +98,21 @@ class RemoteRun:
             raise UserError(f"{self.uri}: upload failed ({_first_line(e)}); the run's files "
                             f"are kept in {self.local}") from None
 
+    def check_writable(self) -> None:
+        """Write and delete a probe object: a missing bucket or a read-only key fails now, not
+        at the first checkpoint's upload."""
+        probe = f"{self.path}/.amfs-write-probe-{uuid.uuid4().hex[:12]}"
+
+        def write_and_delete():
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"amfs")
+            self.fs.delete_file(probe)
+        try:
+            write_and_delete()
+        except OSError as e:
+            raise UserError(f"{self.uri}: not writable ({_first_line(e)}); nothing was "
+                            f"trained") from None
+
     def _io(self, op):
         try:
             return op()
@@ -107,50 +122,66 @@ class RemoteRun:
 
 @contextlib.contextmanager
 def staged_run(uri: str, names=RUN_FILES):
-    """Yield a RemoteRun whose local copy holds `names` pulled from `uri`. User errors name the
-    URI, not the local copy, which is removed afterwards unless a push to the URI failed."""
+    """Yield a RemoteRun whose local copy holds `names` pulled from `uri`, to read them. User
+    errors name the URI, not the local copy, which is removed afterwards unless a push to the
+    URI failed."""
     run = RemoteRun(uri)
     root = cache_dir() / "staging"
     root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(run.uri.encode()).hexdigest()[:12]
-    run.local = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
-    try:
+    _remove_stale_read_copies(root)
+    run.local = Path(tempfile.mkdtemp(prefix=f"{_key(run.uri)}-", dir=root))
+    with _named_by_uri(run):
         run.pull(names)
         yield run
+
+
+@contextlib.contextmanager
+def training_copy(uri: str, wait_for_lock: bool = False):
+    """Yield a RemoteRun for training the run at `uri` in AMFS_CACHE/staging/<hash of uri>,
+    locked by this process (see locks.py): two trainings of one URI from this machine (one
+    cache) cannot overlap; from two machines they can, object storage has no lock.
+
+    The URI must be writable: a probe object is written and deleted before anything else. A
+    copy left by a killed run is replaced by the URI's files; one whose upload failed
+    (.unsynced) is uploaded first, as it holds what the URI lacks."""
+    run = RemoteRun(uri)
+    run.local = cache_dir() / "staging" / _key(run.uri)
+    with locks.hold(run.local, f"staging copy of {run.uri}", wait_for_lock), _named_by_uri(run):
+        if (run.local / UNSYNCED).is_file():
+            run.push()
+            (run.local / UNSYNCED).unlink()
+        shutil.rmtree(run.local, ignore_errors=True)
+        run.local.mkdir(parents=True)
+        run.check_writable()
+        run.pull()
+        yield run
+
+
+@contextlib.contextmanager
+def _named_by_uri(run: RemoteRun):
+    """User errors name the URI, not the local copy; the copy goes unless a push failed."""
+    try:
+        yield
     except UserError as e:
         if not run.unsynced:
             e.args = (str(e).replace(str(run.local), run.uri),)
         raise
     finally:
-        if not run.unsynced:
+        if run.unsynced:
+            with contextlib.suppress(OSError):
+                (run.local / UNSYNCED).touch()
+        else:
             shutil.rmtree(run.local, ignore_errors=True)
 
 
-def cached_store(uri: str) -> Path:
-    """A local copy of the data store at `uri`, downloaded once (see the module docstring)."""
-    from amfs_dist.data.store import DATA_FILE, MANIFEST_FILE, StoreError
-    remote = RemoteRun(uri)
-    if remote.info(MANIFEST_FILE).type != pafs.FileType.File:
-        raise StoreError(f"{uri}: not an amfs data store ({MANIFEST_FILE} is missing; create "
-                         f"one with `amfs data prepare` and upload the folder)")
+def _remove_stale_read_copies(root: Path, max_age_s: float = 86400) -> None:
+    """Read copies (KEY-RANDOM) that a killed `amfs status` or `amfs eval` left: none of them
+    lives a day. Training copies (KEY) are left alone: one may hold what its URI lacks."""
+    for path in root.glob("*-*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and time.time() - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path)
 
-    def read_manifest() -> bytes:
-        with remote.fs.open_input_stream(f"{remote.path}/{MANIFEST_FILE}") as f:
-            return f.read()
-    manifest = remote._io(read_manifest)
-    key = hashlib.sha256(remote.uri.encode() + b"\0" + manifest).hexdigest()[:16]
-    local = cache_dir() / "stores" / key
-    if not (local / MANIFEST_FILE).is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local.parent))
-        try:
-            remote.local = tmp
-            remote.pull([DATA_FILE])
-            (tmp / MANIFEST_FILE).write_bytes(manifest)
-            try:
-                os.rename(tmp, local)
-            except OSError:  # another process on this node was faster: use its copy
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return local
+
+def _key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]

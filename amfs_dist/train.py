@@ -1,4 +1,5 @@
-"""Meta-training: the driver loop, checkpoints, resume, validation and the final test.
+"""Meta-training: the driver loop, checkpoints, validation and the final test (the run
+directory's life, start and resume, is lifecycle.py's).
 
 The driver owns the parameters and the optimiser; a backend (in-process or Ray shards)
 returns each step's update direction, or (dist.exchange=collective) applies the update on its
@@ -10,44 +11,44 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.algorithms.outer import task_weights
-from amfs_dist.backend import (GradientBackend, InProcessBackend, StepResult, apply_direction,
-                               set_deterministic)
-from amfs_dist.config import Config, load_config, save_config
+from amfs_dist.backend import (
+    GradientBackend,
+    InProcessBackend,
+    StepResult,
+    apply_direction,
+    resolve_device,
+    set_deterministic,
+)
+from amfs_dist.config import Config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
 from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
-from amfs_dist.evaluate import evaluate_episodes, resolve_device
-from amfs_dist.runs import (check_new_run_dir, load_module_state, load_torch_file, make_run_dir,
-                             read_metrics)
-from amfs_dist.stopping import (STOP_SIGNALS, StopRequested, as_stop, raise_on_stop,
-                                 signal_name)
-from amfs_dist.storage import is_uri, staged_run
+from amfs_dist.evaluate import evaluate_episodes
+from amfs_dist.files import finite_or_none, torch_save, write_json, write_text
+from amfs_dist.runs import (
+    CHECKPOINT,
+    CONFIG,
+    MODEL,
+    RESULT,
+    load_module_state,
+    load_torch_file,
+    read_metrics,
+)
+from amfs_dist.stopping import STOP_SIGNALS, StopRequested, raise_on_stop, signal_name
 
-CHECKPOINT = "checkpoint.pt"
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
-
-
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.method_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def make_backend(cfg: Config, learner: MetaLearner, source) -> GradientBackend:
@@ -68,12 +69,18 @@ class Trainer:
         self.step = 0
         self.bad_streak = 0
         self._backend = backend
+        self._closed = False  # close() was called: the backend's workers are gone
         self.stop_signal: int | None = None
         self._updating = self._stop_now = False  # a second stop signal waits for the update
         self._validating = False  # a stop signal ends a validation at once
         self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
         self._synced_step = None  # an update-owning backend's replicas are at this step
         self._pulled_step = None  # ... and this trainer's copy was fetched at this step
+        self._checkpointed_step = None  # checkpoint.pt holds this step (None: not yet written)
+        self._unwritable_step = None  # the step whose checkpoint could not be written
+        # a resume's config: written only once the run has moved on under it, so that a
+        # resume that fails first leaves the run as it was
+        self.config_to_write: Config | None = None
 
     @property
     def location(self) -> str | Path:
@@ -108,14 +115,25 @@ class Trainer:
         self._synced_step = self.step
 
     def save_checkpoint(self) -> None:
+        if self.step in (self._checkpointed_step, self._unwritable_step):
+            return  # the file holds this step already (a failed resume changes nothing), or
+            # writing it failed (a full disk): the error on its way out says so, once
         self.pull_state()
-        _atomic_save({"step": self.step, "bad_streak": self.bad_streak,
+        self.write_config()
+        self._unwritable_step = self.step
+        torch_save({"step": self.step, "bad_streak": self.bad_streak,
                       "model": self.learner.module.state_dict(),
                       "optimizer": self.optimizer.state_dict(),
                       "torch_rng": torch.get_rng_state(),
                       "input_shape": list(self.source.input_shape)}, self.run_dir / CHECKPOINT)
+        self._checkpointed_step, self._unwritable_step = self.step, None
         if self.remote is not None:
             self.remote.push()
+
+    def write_config(self) -> None:
+        if self.config_to_write is not None:
+            save_config(self.config_to_write, self.run_dir / CONFIG)
+            self.config_to_write = None
 
     def load_checkpoint(self) -> None:
         """Restore the checkpoint; a damaged, foreign or mismatching one is a UserError."""
@@ -138,6 +156,7 @@ class Trainer:
             raise UserError(f"{path}: not an amfs checkpoint for this run ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:200]})") from None
         self._synced_step = self._pulled_step = None
+        self._checkpointed_step = self.step
 
     # -- one step --------------------------------------------------------------------------------
     def weigh(self, vectors: torch.Tensor | None, gram: torch.Tensor | None = None):
@@ -237,8 +256,8 @@ class Trainer:
         finally:
             self._validating = False
 
-    def fit(self, progress: bool = True, on_step: Callable[["Trainer", dict], None] | None = None,
-            on_validation: Callable[["Trainer", dict], None] | None = None) -> None:
+    def fit(self, progress: bool = True, on_step: Callable[[Trainer, dict], None] | None = None,
+            on_validation: Callable[[Trainer, dict], None] | None = None) -> None:
         t = self.cfg.train
         metrics = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics, self.step)
@@ -256,7 +275,7 @@ class Trainer:
                             row["val_accuracy"], row["val_loss"] = val["accuracy"], val["loss"]
                             if on_validation:
                                 on_validation(self, row)
-                    log.write(json.dumps(row) + "\n")
+                    log.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
                     log.flush()
                     if self.bad_streak >= t.max_bad_steps:
                         raise TrainingError(
@@ -292,8 +311,9 @@ class Trainer:
         self.save_checkpoint()
 
     def close(self) -> None:
-        if self._backend is not None:
+        if self._backend is not None and not self._closed:
             self._backend.close()
+        self._closed = True
 
 
 def _conflict_metrics(cfg: Config, step: int, finite: torch.Tensor, weights: list | None) -> dict:
@@ -319,100 +339,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [row for row in read_metrics(path) if row["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def run_training(cfg: Config | None = None, out: str | Path | None = None,
-                 resume: str | Path | None = None, progress: bool = True,
-                 overrides: list[str] | None = None, backend: GradientBackend | None = None,
-                 on_step=None, on_validation=None, resume_if_exists: bool = False,
-                 remote=None) -> dict:
-    """`amfs train`: train, evaluate on the test split, write result.json; returns the result.
-
-    resume_if_exists (start or continue): a run already in `out` with the same config is
-    resumed from its checkpoint, or its result returned when it has finished.
-    An s3:// or gs:// --out/--resume is trained in a local copy, pushed back at every checkpoint."""
-    target = resume if resume is not None else out
-    if target is not None and is_uri(target):
-        with staged_run(str(target)) as remote:
-            local = {"resume": remote.local} if resume is not None else {"out": remote.local}
-            return run_training(cfg, **local, progress=progress, overrides=overrides,
-                                backend=backend, on_step=on_step, on_validation=on_validation,
-                                resume_if_exists=resume_if_exists, remote=remote)
-    started = time.perf_counter()
-    if resume is None and resume_if_exists and out and (Path(out) / "config.yaml").is_file():
-        _check_same_config(Path(out), cfg)
-        if (Path(out) / "result.json").is_file():  # finished: nothing to redo
-            return json.loads((Path(out) / "result.json").read_text())
-        if (Path(out) / CHECKPOINT).is_file():
-            resume, cfg = out, None
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        _refuse_model_changes(run_dir, load_config(run_dir / "config.yaml"), cfg)
-    else:
-        run_dir = Path(out) if out else default_run_dir(cfg)
-        check_new_run_dir(run_dir, CHECKPOINT)
-    trainer = Trainer(cfg, run_dir, backend)  # bad data or model settings fail before any write
-    trainer.remote = remote
-    try:
-        if resume is not None:
-            trainer.load_checkpoint()  # a damaged or mismatching checkpoint, too
-        _ = trainer.backend  # workers the cluster cannot hold are refused before any write
-        if resume is None:
-            make_run_dir(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-        trainer.fit(progress=progress, on_step=on_step, on_validation=on_validation)
-    finally:
-        trainer.close()
-    try:
-        return finish_run(trainer, started, progress, resumed=resume is not None)
-    except KeyboardInterrupt as e:
-        stop = as_stop(e)
-        if stop is None:
-            raise
-        raise RunStopped(f"stopped by {stop} during the final test; every step is checkpointed"
-                         f": run the test with `amfs train --resume {trainer.location}`",
-                         stop.signum) from None
-
-
-def _check_same_config(run_dir: Path, cfg: Config) -> None:
-    """Start-or-continue may only continue the run it was asked for: the same config."""
-    stored, given = load_config(run_dir / "config.yaml").to_flat(), cfg.to_flat()
-    diff = [f"{k} (stored {stored[k]!r}, given {given[k]!r})" for k in stored
-            if stored[k] != given[k]]
-    if diff:
-        raise UserError(f"--out {run_dir}: holds a run with another config: {', '.join(diff)}; "
-                        f"continue it as it is with `amfs train --resume {run_dir}`, or choose "
-                        f"another --out")
-
-
-def _model_settings(cfg: Config) -> dict:
-    """The settings that decide the model's parameters: fixed for the life of a run."""
-    kernel = cfg.inner_loop == "kernel"
-    return {"model.backbone": cfg.backbone, "model.width": cfg.model.width,
-            "data.ways": cfg.data.ways, "data.image_size": cfg.data.image_size,
-            "data.channels": cfg.data.channels, "inner (or method)": cfg.inner_loop,
-            "kernel.type": cfg.kernel.type if kernel else None,
-            "kernel.learn_bandwidth": cfg.kernel.learn_bandwidth if kernel else None,
-            "kernel.learn_lam": cfg.kernel.learn_lam if kernel else None}
-
-
-def _refuse_model_changes(run_dir: Path, run_cfg: Config, cfg: Config) -> None:
-    was, now = _model_settings(run_cfg), _model_settings(cfg)
-    changed = [f"{k} ({was[k]} -> {now[k]})" for k in was if was[k] != now[k]]
-    if changed:
-        raise UserError(f"--resume {run_dir}: {', '.join(changed)} would change the model's "
-                        f"shape, which a resumed run cannot; start a new run with --out instead")
+    write_text(path, "".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n"
+                             for r in rows))
 
 
 def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra) -> dict:
     """Save model.pt, evaluate on the test split, write result.json; returns the result."""
     cfg, run_dir = trainer.cfg, trainer.run_dir
-    _atomic_save({"model": trainer.learner.module.state_dict(),
-                  "input_shape": list(trainer.source.input_shape)}, run_dir / "model.pt")
+    if trainer.step and trainer.bad_streak >= trainer.step:
+        raise TrainingError(f"every one of the run's {trainer.step} steps was skipped: no task "
+                            f"gave a finite gradient (see the bad_tasks column of "
+                            f"{run_dir / 'metrics.jsonl'}); the model is untrained, so no "
+                            f"model.pt or result.json was written")
+    trainer.write_config()
+    torch_save({"model": trainer.learner.module.state_dict(),
+                "input_shape": list(trainer.source.input_shape)}, run_dir / MODEL)
     test = evaluate_episodes(trainer.learner, trainer.source, "test", cfg.eval.episodes,
                              cfg.eval.queries, cfg.eval.batch, progress=progress)
     result = {"method": cfg.method_name, "inner": cfg.inner_loop, "outer": cfg.outer_weighting,
@@ -423,7 +364,8 @@ def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra
               "wall_s": round(time.perf_counter() - started, 3), **extra}
     if "mse" in test:
         result["test_mse"] = test["mse"]
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = finite_or_none(result)  # e.g. test_ci95 of a single episode: no interval
+    write_json(run_dir / RESULT, result)
     if trainer.remote is not None:
         trainer.remote.push()
     return result

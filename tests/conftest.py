@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -133,3 +134,51 @@ def head_node(tmp_path):
         stop_cluster(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- a local S3 endpoint (moto's server) ---------------------------------------------------------
+BUCKET = "amfs-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint on 127.0.0.1 (moto's server, stopped by its PID), one bucket, and the
+    environment that points pyarrow at it; yields a pyarrow S3FileSystem to inspect it with."""
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 endpoint")
+    pafs = pytest.importorskip("pyarrow.fs")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="testing", secret_key="testing", region="us-east-1",
+                               allow_bucket_creation=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs.create_dir(BUCKET)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield fs
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -4,6 +4,7 @@ A test module imports from here or from conftest, never from another test module
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import ipaddress
 import json
@@ -15,10 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from amfs_dist.config import load_config
+from amfs_dist.config import dump_yaml, load_config
 from amfs_dist.data.episodes import ImageSet
 from amfs_dist.data.prepare.common import split_list
 from amfs_dist.train import Trainer
@@ -107,9 +109,9 @@ _glyph_rng = np.random.default_rng(0)
 GLYPHS = [png(_glyph_rng.random((105, 105)) > 0.3, "1") for _ in range(4)]  # 1-bit, like Omniglot
 
 
-def write(path: Path, data: bytes) -> Path:
+def write(path: Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return path
 
 
@@ -271,3 +273,87 @@ def cub_tree(root: Path, per_class: int = 2, drop: str | None = None) -> Path:
                         ("image_class_labels.txt", labels), ("bounding_boxes.txt", boxes)):
         (root / file).write_text("\n".join(lines) + "\n")
     return root
+
+
+# -- what a command left: a fingerprint of a folder's tree -------------------------------------
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root` -> the sha256 of its bytes ("dir" for a folder)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+            else "dir" for p in sorted(root.rglob("*"))}
+
+
+# -- commands in a subprocess, stopped by a signal within a deadline ---------------------------
+# Kubernetes and Slurm send SIGKILL 30 s after SIGTERM; a loaded 2-core machine gets some slack
+STOP_DEADLINE_S = 60
+
+
+def amfs_env(**extra) -> dict:
+    return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                            os.environ.get("PYTHONPATH", "")]), **extra)
+
+
+def start_logged(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    log = log_path.open("w")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def wait_until_ready(proc: subprocess.Popen, ready, log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "ended before the signal: " + log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "never got ready: " + log_path.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def stop_within_deadline(proc: subprocess.Popen, signum: int, log_path: Path):
+    """Send `signum`; (returncode, output) once it exits, which must be within the deadline."""
+    proc.send_signal(signum)
+    try:
+        rc = proc.wait(STOP_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{signal.Signals(signum).name} unanswered after {STOP_DEADLINE_S} s: "
+                    + log_path.read_text()[-3000:])
+    return rc, log_path.read_text()
+
+
+def logged_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return metrics(run) if path.exists() and path.read_text().strip() else []
+
+
+# -- sweep files for tests ---------------------------------------------------------------------
+# Tiny trials: 3-way 1-shot glyphs at 16 px, a width-8 Conv-4, 8 steps, a validation every 2.
+TEST_BASE = {
+    "data.source": "synthetic", "data.image_size": 16, "data.ways": 3, "data.shots": 1,
+    "data.queries": 2, "model.width": 8, "train.meta_batch": 4, "train.steps": 8,
+    "train.val_every": 2, "train.val_episodes": 3, "train.checkpoint_every": 2,
+    "eval.episodes": 6, "eval.queries": 2, "eval.batch": 3, "train.device": "cpu",
+}
+TEST_SEARCH = {
+    "kernel.bandwidth": {"loguniform": [0.001, 3.0]},
+    "kernel.lam": {"loguniform": [0.01, 1.0]},
+    "kernel.mu": {"uniform": [0.0, 0.1]},
+    "kernel.gamma": {"uniform": [0.0, 0.05]},
+}
+GOOD = {"kernel.bandwidth": 1.0, "kernel.lam": 0.1, "kernel.mu": 0.05, "kernel.gamma": 0.01}
+
+
+def write_sweep(path: Path, base=None, search=None, **settings) -> Path:
+    sweep = {"name": "test", "num_samples": 4, "max_concurrent_trials": 2, "seed": 0,
+             "grace_period": 1, "reduction_factor": 2, "startup_trials": 2, "test_episodes": 6}
+    sweep.update(settings)
+    path.write_text(dump_yaml({"base": {**TEST_BASE, **(base or {})},
+                                    "search": search or TEST_SEARCH, "sweep": sweep}))
+    return path
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))

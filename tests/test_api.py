@@ -22,9 +22,8 @@ from amfs_dist.data import make_task_source
 from amfs_dist.data.convert import image_converter
 from amfs_dist.data.synthetic import glyph_images
 from amfs_dist.errors import UserError
-from conftest import TINY
-from test_cli_bad_input import snapshot, write
-from test_storage import BUCKET, s3  # noqa: F401 (s3: the fixture of a local S3 server)
+from conftest import BUCKET, TINY
+from helpers import snapshot, write
 
 SETTINGS = dict(parse_override(o) for o in TINY)
 HEADS_FROM_THE_SUPPORT_SET = ("amfs", "protonet", "r2d2")

@@ -12,7 +12,7 @@ import pytest
 from amfs_dist import storage
 from amfs_dist.cli import main
 from conftest import TINY
-from test_cli_bad_input import snapshot
+from helpers import snapshot
 
 # generous on a loaded 2-core machine (building the run comes first); the waits are bounded at
 # seconds here, and were 3 (GCS) and 8 (RAY_ADDRESS) minutes before
@@ -27,7 +27,7 @@ def _closed_port() -> int:
 
 
 def _sweep(tmp_path):
-    from test_tune import write_sweep
+    from helpers import write_sweep
     return ["tune", "--config", str(write_sweep(tmp_path / "sweep.yaml")), "--out",
             str(tmp_path / "sweep"), "--quiet"]
 

@@ -1,15 +1,16 @@
 """Bad input through the CLI: one line naming the file or key, the exit code, no traceback,
 and nothing written or deleted. Row ids name the bad input."""
-import hashlib
 import json
 import shutil
 
 import pytest
 import torch
 
+from amfs_dist import __version__
 from amfs_dist.cli import main
 from conftest import TINY as SHARED_TINY
 from conftest import PickleThatWritesAFile
+from helpers import snapshot, write
 
 # fewer eval episodes and a checkpoint every step: the runs these rows start from are quick
 TINY = [*SHARED_TINY, "eval.episodes=3", "train.checkpoint_every=1"]
@@ -30,16 +31,6 @@ def finished_run(tmp_path_factory):
 def run(finished_run, tmp_path):
     """A fresh copy of a finished 2-step run, in tmp_path/run."""
     return shutil.copytree(finished_run, tmp_path / "run")
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
-            else "dir" for p in sorted(root.rglob("*"))}
-
-
-def write(path, data):
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return path
 
 
 def truncate(path):
@@ -140,7 +131,43 @@ ROWS = [
     ("svm-c-not-positive", 2, lambda t, r: (train(t, "method=metaoptnet", "svm.c=0"), "svm.c")),
     ("svm-head-on-regression", 2, lambda t, r: (
         train(t, "method=metaoptnet", "data.source=sinusoid"), "method")),
+    # run directories: a finished run is kept, only our runs are continued, damage is named
+    ("out-finished-run-without-checkpoint", 2, lambda t, r: (
+        (r / "checkpoint.pt").unlink() or ["train", "--out", str(r), *TINY, "seed=7"],
+        "finished run")),
+    ("resume-if-exists-folder-not-ours", 2, lambda t, r: (
+        not_ours(t, r) and ["train", "--out", str(t / "mine"), "--resume-if-exists", *TINY,
+                            "train.steps=2"], "amfs-run.json")),
+    ("resume-if-exists-torn-result", 2, lambda t, r: (
+        truncate(r / "result.json") and start_or_continue(r), "result.json")),
+    ("resume-if-exists-empty-result", 2, lambda t, r: (
+        write(r / "result.json", "") and start_or_continue(r), "result.json")),
+    ("resume-if-exists-torn-marker", 2, lambda t, r: (
+        truncate(r / "amfs-run.json") and start_or_continue(r), "amfs-run.json")),
+    ("status-torn-result", 2, lambda t, r: (
+        truncate(r / "result.json") and ["status", str(r)], "result.json")),
+    ("status-empty-config", 2, lambda t, r: (
+        write(r / "config.yaml", "") and ["status", str(r)], "config.yaml")),
+    ("resume-empty-config", 2, lambda t, r: (
+        write(r / "config.yaml", "") and ["train", "--resume", str(r)], "config.yaml")),
+    ("resume-run-of-a-newer-amfs", 2, lambda t, r: (
+        write(r / "amfs-run.json", '{"package": "amfs-dist", "version": "99.0"}')
+        and ["train", "--resume", str(r), "train.steps=3"], f"amfs 99.0, newer than this amfs "
+                                                             f"{__version__}")),
+    ("data-source-path-component-too-long", 2, lambda t, r: (
+        train(t, "data.source=" + "b" * 100_000), "a path component of 100000 bytes")),
 ]
+
+
+def not_ours(tmp, run):
+    """A user's folder with a copy of a run's config.yaml and a hand-written result.json."""
+    (tmp / "mine").mkdir()
+    shutil.copy(run / "config.yaml", tmp / "mine")
+    return write(tmp / "mine" / "result.json", '{"test_accuracy": 1.0}\n')
+
+
+def start_or_continue(run):
+    return ["train", "--out", str(run), "--resume-if-exists", *TINY, "train.steps=2"]
 
 
 @pytest.mark.parametrize("setup,code", [pytest.param(s, c, id=i) for i, c, s in ROWS])
@@ -158,7 +185,7 @@ def test_bad_input_is_one_line_and_changes_nothing(setup, code, run, tmp_path, c
     assert "Traceback" not in out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amfs: error: "), err
-    assert named in lines[0]
+    assert named in lines[0] and len(lines[0]) < 1000  # a long value is cut
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
 
@@ -201,7 +228,8 @@ def test_out_may_be_new_empty_or_an_unfinished_run_of_ours(tmp_path, capsys):
                  "eval.episodes=1"]) == 0
     marker = json.loads((empty / "amfs-run.json").read_text())
     assert marker["package"] == "amfs-dist"
-    (empty / "checkpoint.pt").unlink()  # as if the run had failed before its first checkpoint
+    for name in ("checkpoint.pt", "model.pt", "result.json"):  # as if the run had failed
+        (empty / name).unlink()                                    # before its first checkpoint
     assert main(["train", "--out", str(empty), "--no-progress", *TINY, "train.steps=1",
                  "eval.episodes=1"]) == 0
     mine = tmp_path / "mine"

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from amfs_dist import lifecycle
 from amfs_dist.algorithms.outer import (
     agreement,
     agreement_from_gram,
@@ -24,7 +25,7 @@ from amfs_dist.config import load_config
 from amfs_dist.distributed.collective import shares, tasks_of
 from amfs_dist.distributed.faults import faulty_source_factory
 from amfs_dist.errors import WorkerFailedError
-from amfs_dist.train import CHECKPOINT, Trainer, run_training
+from amfs_dist.train import CHECKPOINT, Trainer
 from helpers import (
     BASE,
     assert_same_params,
@@ -151,9 +152,9 @@ def test_collective_exact_gives_the_in_process_parameters(ray_session, reference
 def test_collective_resume_equals_uninterrupted(ray_session, reference, tmp_path):
     # the default dist.block_size: one block, which worker 1 does not share
     cfg = cfg_of("dist.workers=2", "dist.exchange=collective", "train.steps=3")
-    run_training(cfg, out=tmp_path, progress=False)
+    lifecycle.train(cfg, tmp_path, progress=False)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
-    result = run_training(resume=tmp_path, progress=False, overrides=["train.steps=5"])
+    result = lifecycle.resume(tmp_path, ["train.steps=5"], progress=False)
     assert result["resumed"] and result["meta_steps"] == 5
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
     assert_same_params(model_state(tmp_path), reference, atol=ATOL)
@@ -213,7 +214,7 @@ def test_collective_survives_killed_and_hung_workers(ray_session, reference, tmp
     backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(
         kill_steps=[3], hang_steps=[4], once_dir=str(once)))
     killed = []
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+    lifecycle.train(cfg, tmp_path / "run", progress=False, backend=backend,
                  on_step=kill_worker_after(backend, 2, 1, killed))
     assert killed and (once / "kill-step3").exists() and (once / "hang-step4").exists()
     assert metrics(tmp_path / "run")[-1]["worker_restarts"] == 3
@@ -231,7 +232,7 @@ def test_collective_single_worker_restarts_from_the_last_state(ray_session, refe
     from amfs_dist.distributed import CollectiveBackend
     backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(
         kill_steps=[4], once_dir=str(once)))
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend)
+    lifecycle.train(cfg, tmp_path / "run", progress=False, backend=backend)
     assert (once / "kill-step4").exists() and metrics(tmp_path / "run")[-1]["worker_restarts"] == 1
     assert_same_params(model_state(tmp_path / "run"), reference, atol=ATOL)
 
@@ -244,7 +245,7 @@ def test_collective_worker_that_keeps_failing_stops_with_a_checkpoint(ray_sessio
     cfg = cfg_of("dist.workers=2", *COLLECTIVE, "dist.max_worker_restarts=1", "train.steps=6")
     backend = CollectiveBackend(cfg, source_factory=faulty_source_factory(kill_steps=[3]))
     with pytest.raises(WorkerFailedError, match=r"failed 2 times.*max_worker_restarts=1"):
-        run_training(cfg, out=tmp_path, progress=False, backend=backend)
+        lifecycle.train(cfg, tmp_path, progress=False, backend=backend)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     # step 3's tasks are drawn while step 2 computes: the run stops at step 2 or 3
     assert state["step"] in (2, 3) and len(metrics(tmp_path)) == state["step"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -121,6 +122,44 @@ def test_omniglot_lake_split_by_alphabet(tmp_path):
     assert {s: len(c) for s, c in data.splits.items()} == {"train": 4, "val": 2, "test": 2}
     assert len(data.images) == 8 * 3
     assert read_manifest(tmp_path / "s")["split"] == "lake"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """`ulimit -f`: the store's data file cannot be written whole."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+    src, out = lake_tree(tmp_path / "src"), tmp_path / "s"
+    done = subprocess.run([sys.executable, "-m", "amfs_dist", "data", "prepare", "omniglot",
+                           "--src", str(src), "--out", str(out), "--split", "lake"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and str(out) in lines[0], lines
+    assert_nothing_written(out)
+
+
+@pytest.mark.slow  # two subprocesses
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv")
+def test_permission_errors_are_one_line_naming_the_path(tmp_path):
+    """Run without root's powers over file modes (setpriv), as a user would be."""
+    src = lake_tree(tmp_path / "src")
+    alphabet = src / "images_background" / "Alpha"
+    (tmp_path / "locked").mkdir(mode=0o555)
+    for out, named in ((tmp_path / "s", alphabet), (tmp_path / "locked" / "s", tmp_path / "locked")):
+        os.chmod(alphabet, 0 if named == alphabet else 0o755)
+        done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all",
+                               sys.executable, "-m", "amfs_dist", "data", "prepare", "omniglot",
+                               "--src", str(src), "--out", str(out), "--split", "lake"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Permission denied" in lines[0], lines
+        assert lines[0].startswith(f"amfs: error: {named}")
+        assert_nothing_written(out)
 
 
 def test_lake_validation_rule_on_the_standard_background_alphabets():
@@ -545,8 +584,9 @@ def test_folders_of_a_killed_prepare_are_removed_by_the_next_one(tmp_path):
             "lake"]
     killed = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, *args])
     assert killed.wait(timeout=300) == -signal.SIGKILL
-    stale = [p.name for p in out.parent.iterdir()]
-    assert len(stale) == 1 and stale[0].startswith(".omni.tmp-") and not out.exists()
+    stale = sorted(p.name for p in out.parent.iterdir())  # and the lock it held (locks.py)
+    assert len(stale) == 2 and stale[0] == ".omni.lock" and stale[1].startswith(".omni.tmp-")
+    assert not out.exists()
     assert amfs(args) == 0
     assert [p.name for p in out.parent.iterdir()] == ["omni"]
 

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from amfs_dist import lifecycle
 from amfs_dist.algorithms.outer import task_weights
 from amfs_dist.backend import InProcessBackend, weighted_direction
 from amfs_dist.config import load_config
 from amfs_dist.distributed.faults import faulty_source_factory
 from amfs_dist.distributed.sketch import CountSketch
 from amfs_dist.distributed.worker import ShardWorker, pick_device
-from amfs_dist.train import CHECKPOINT, Trainer, TrainingError, run_training
+from amfs_dist.train import CHECKPOINT, Trainer, TrainingError
 from conftest import TINY
 from helpers import (
     assert_same_params,
@@ -145,7 +146,7 @@ def test_nan_tasks_are_dropped_and_bad_steps_stop_the_run_in_process(tmp_path):
     cfg = cfg_of("train.steps=8", "train.max_bad_steps=2")
     source = faulty_source_factory(nan_tasks=[(1, 0), (1, 2)], nan_steps=[3, 4])(cfg)
     with pytest.raises(TrainingError, match="max_bad_steps"):
-        run_training(cfg, out=tmp_path, progress=False, backend=InProcessBackend(cfg, source=source))
+        lifecycle.train(cfg, tmp_path, progress=False, backend=InProcessBackend(cfg, source=source))
     rows = metrics(tmp_path)
     assert [r["bad_tasks"] for r in rows] == [0, 2, 0, 4, 4]
     assert [r["skipped"] for r in rows] == [False, False, False, True, True]
@@ -225,11 +226,11 @@ def test_nan_tasks_and_bad_steps_with_workers(ray_session, tmp_path):
     cfg = cfg_of("train.steps=8", "train.max_bad_steps=2", "dist.workers=2")
     options = dict(nan_tasks=[(1, 0), (1, 2)], nan_steps=[3, 4])
     with pytest.raises(TrainingError, match="max_bad_steps"):
-        run_training(cfg, out=tmp_path / "ray", progress=False,
+        lifecycle.train(cfg, tmp_path / "ray", progress=False,
                      backend=RayBackend(cfg, source_factory=faulty_source_factory(**options)))
     in_process = cfg.replace(**{"dist.workers": 0})
     with pytest.raises(TrainingError):
-        run_training(in_process, out=tmp_path / "local", progress=False,
+        lifecycle.train(in_process, tmp_path / "local", progress=False,
                      backend=InProcessBackend(in_process,
                                               source=faulty_source_factory(**options)(in_process)))
     rows = metrics(tmp_path / "ray")
@@ -254,7 +255,7 @@ def test_killed_workers_are_replaced_and_the_run_is_unchanged(ray_session, refer
     once.mkdir()
     backend = RayBackend(cfg, source_factory=faulty_source_factory(kill_steps=[3], once_dir=str(once)))
     killed = []
-    run_training(cfg, out=tmp_path / "run", progress=False, backend=backend,
+    lifecycle.train(cfg, tmp_path / "run", progress=False, backend=backend,
                  on_step=kill_worker_after(backend, 2, 1, killed))
     assert killed and (once / "kill-step3").exists()
     rows = metrics(tmp_path / "run")
@@ -270,7 +271,7 @@ def test_a_worker_that_keeps_failing_stops_the_run_with_a_checkpoint(ray_session
     cfg = cfg_of("dist.workers=1", "dist.max_worker_restarts=1", "train.steps=6")
     backend = RayBackend(cfg, source_factory=faulty_source_factory(kill_steps=[2]))
     with pytest.raises(WorkerFailedError, match=r"failed 2 times.*max_worker_restarts=1"):
-        run_training(cfg, out=tmp_path, progress=False, backend=backend)
+        lifecycle.train(cfg, tmp_path, progress=False, backend=backend)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     # step 2's tasks are drawn while step 1 computes: the run stops at step 1 (or 2)
     assert state["step"] in (1, 2) and len(metrics(tmp_path)) == state["step"]
@@ -283,7 +284,7 @@ def test_a_hung_worker_times_out_instead_of_hanging(ray_session, tmp_path):
     cfg = cfg_of("dist.workers=1", "dist.max_worker_restarts=0", "dist.timeout_s=2")
     backend = RayBackend(cfg, source_factory=faulty_source_factory(hang_steps=[1]))
     with pytest.raises(WorkerFailedError, match="no answer .* within dist.timeout_s=2"):
-        run_training(cfg, out=tmp_path, progress=False, backend=backend)
+        lifecycle.train(cfg, tmp_path, progress=False, backend=backend)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 1
 
 

@@ -152,8 +152,8 @@ def test_out_dir_of_the_user_is_refused(tmp_path):
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, tiny):
+    from amfs_dist import lifecycle
     from amfs_dist.config import load_config
-    from amfs_dist.train import run_training
 
     cfg = load_config(None, tiny + ["method=iamfs", "train.steps=4", "train.checkpoint_every=1"])
     run = tmp_path / "cell"
@@ -163,7 +163,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, tiny):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, out=run, progress=False, on_step=stop)
+        lifecycle.train(cfg, run, progress=False, on_step=stop)
     info = run_cell(str(run), cfg.to_flat(), {"test_steps=0": ["maml.test_steps=0"]})
     assert info["trained_here"] and info["peak_rss_mb"] > 0
     result = json.loads((run / "result.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from amfs_dist.cli import main
 from conftest import TINY
-from test_cli_bad_input import snapshot
+from helpers import snapshot
 
 NEVER = 10**12  # episodes
 

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import time
 
-import netns
 import pytest
 import torch
-from conftest import TINY
 
+import netns
 from amfs_dist.cli import main as amfs
 from amfs_dist.distributed.collective import CollectiveWorker, route_to
 from amfs_dist.train import CHECKPOINT
+from conftest import TINY
 
 RUN = TINY + ["train.steps=2", "train.deterministic=true", "dist.block_size=512",
               "dist.timeout_s=60"]
@@ -213,11 +213,11 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(nodes, tmp_pa
 def test_an_elastic_run_starts_with_the_workers_that_fit(ray_session, tmp_path):
     """3 workers of 1 CPU on a 2-CPU cluster, dist.min_workers=2: the run starts with two once
     dist.replace_timeout_s has passed, and logs it per step."""
+    from amfs_dist import lifecycle
     from amfs_dist.config import load_config
-    from amfs_dist.train import run_training
 
     cfg = load_config(None, RUN + ["dist.workers=3", "dist.min_workers=2",
                                    "dist.replace_timeout_s=2", "dist.cpus_per_worker=1"])
-    run_training(cfg, out=tmp_path, progress=False)
+    lifecycle.train(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["workers"] for r in rows] == [2, 2]

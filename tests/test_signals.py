@@ -4,7 +4,6 @@ parameters of an uninterrupted run. Through the CLI, in a subprocess, as a sched
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,21 +17,20 @@ from amfs_dist.config import load_config
 from amfs_dist.train import CHECKPOINT
 from conftest import TINY
 from helpers import (
+    amfs_env,
     assert_same_params,
+    logged_rows,
     metrics,
     model_state,
     resume_to_the_end,
+    start_logged,
+    stop_within_deadline,
     train_in_process,
+    wait_until_ready,
 )
 
 STEPS = 30
 CMD = [sys.executable, "-m", "amfs_dist", "train", "--no-progress"]
-
-
-def _env(**extra) -> dict:
-    return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
-                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
-                                            os.environ.get("PYTHONPATH", "")]), **extra)
 
 
 def _signal_mid_run(run: Path, args: list[str], signum: int, env: dict, log_path: Path):
@@ -75,7 +73,7 @@ ARGS = TINY + [f"train.steps={STEPS}", f"train.checkpoint_every={10 * STEPS}"]
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
                          ids=lambda s: s.name)
 def test_a_stop_signal_checkpoints_in_process_and_resume_matches(signum, tmp_path):
-    run, env = tmp_path / "run", _env()
+    run, env = tmp_path / "run", amfs_env()
     rc, output = _signal_mid_run(run, ARGS, signum, env, tmp_path / "run.log")
     _check_stopped(run, rc, output, signum)
     resume_to_the_end(CMD, run, env, STEPS, timeout=300)
@@ -89,7 +87,7 @@ def test_a_stop_signal_checkpoints_in_process_and_resume_matches(signum, tmp_pat
 def test_sigterm_checkpoints_with_workers_and_resume_matches(ray_session, tmp_path):
     args = ARGS + ["dist.workers=2", "dist.cpus_per_worker=0.5"]
     run = tmp_path / "run"
-    env = _env(RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    env = amfs_env(RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     rc, output = _signal_mid_run(run, args, signal.SIGTERM, env, tmp_path / "run.log")
     _check_stopped(run, rc, output, signal.SIGTERM)
     resume_to_the_end(CMD, run, env, STEPS, timeout=300)
@@ -98,43 +96,7 @@ def test_sigterm_checkpoints_with_workers_and_resume_matches(ray_session, tmp_pa
 
 
 # -- a stop signal ends whatever runs within seconds ----------------------------------------------
-# Kubernetes and Slurm send SIGKILL 30 s after SIGTERM; a loaded 2-core machine gets some slack
-STOP_DEADLINE_S = 60
 ENDLESS = 10**6  # episodes: hours of evaluation
-
-
-def _start(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    log = log_path.open("w")
-    try:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()
-
-
-def _wait_for(proc: subprocess.Popen, ready, log_path: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, "ended before the signal: " + log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "never got ready: " + log_path.read_text()[-3000:]
-        time.sleep(0.05)
-
-
-def _stop_within_deadline(proc: subprocess.Popen, signum: int, log_path: Path):
-    """Send `signum`; (returncode, output) once it exits, which must be within the deadline."""
-    proc.send_signal(signum)
-    try:
-        rc = proc.wait(STOP_DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"{signal.Signals(signum).name} unanswered after {STOP_DEADLINE_S} s: "
-                    + log_path.read_text()[-3000:])
-    return rc, log_path.read_text()
-
-
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return metrics(run) if path.exists() and path.read_text().strip() else []
 
 
 def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
@@ -143,11 +105,11 @@ def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
     run, log = tmp_path / "run", tmp_path / "run.log"
     args = TINY + [f"train.steps={STEPS}", "train.val_every=2", f"train.val_episodes={ENDLESS}",
                    f"train.checkpoint_every={10 * STEPS}"]
-    proc = _start(CMD + ["--out", str(run)] + args, log, _env())
+    proc = start_logged(CMD + ["--out", str(run)] + args, log, amfs_env())
     try:
-        _wait_for(proc, lambda: len(_rows(run)) >= 1, log)
+        wait_until_ready(proc, lambda: len(logged_rows(run)) >= 1, log)
         time.sleep(2)  # into step 2's validation
-        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -161,13 +123,13 @@ def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
 
 @pytest.mark.slow  # three commands in subprocesses
 def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
-    run, log, env = tmp_path / "run", tmp_path / "run.log", _env()
+    run, log, env = tmp_path / "run", tmp_path / "run.log", amfs_env()
     args = TINY + ["train.steps=3", f"eval.episodes={ENDLESS}"]
-    proc = _start(CMD + ["--out", str(run)] + args, log, env)
+    proc = start_logged(CMD + ["--out", str(run)] + args, log, env)
     try:
-        _wait_for(proc, lambda: (run / "model.pt").exists(), log)  # written before the test
+        wait_until_ready(proc, lambda: (run / "model.pt").exists(), log)  # written before the test
         time.sleep(1)
-        rc, output = _stop_within_deadline(proc, signal.SIGUSR1, log)
+        rc, output = stop_within_deadline(proc, signal.SIGUSR1, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -179,11 +141,11 @@ def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
 
     # `amfs eval` of hours of episodes: SIGTERM ends it with one line
     log = tmp_path / "eval.log"
-    proc = _start([sys.executable, "-m", "amfs_dist", "eval", str(run), "--episodes",
+    proc = start_logged([sys.executable, "-m", "amfs_dist", "eval", str(run), "--episodes",
                    str(ENDLESS)], log, env)
     try:
-        _wait_for(proc, lambda: "test episodes" in log.read_text(), log)  # its progress bar
-        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+        wait_until_ready(proc, lambda: "test episodes" in log.read_text(), log)  # its progress bar
+        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -213,11 +175,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_during_data_prepare_removes_its_temporary_store(tmp_path):
-    from test_data_prepare import lake_tree
+    from helpers import lake_tree
     src, out = lake_tree(tmp_path / "src"), tmp_path / "stores" / "omniglot"
     done = subprocess.run([sys.executable, "-c", PREPARE_TERMINATED_IN_WRITE, "data", "prepare",
                            "omniglot", "--split", "lake", "--src", str(src), "--out", str(out)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=amfs_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "amfs: stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
@@ -231,11 +193,11 @@ def test_a_stop_signal_ends_a_wait_for_ray(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run, log = tmp_path / "run", tmp_path / "run.log"
-    proc = _start(CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log,
-                  _env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600"))
+    proc = start_logged(CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log,
+                  amfs_env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600"))
     try:
-        _wait_for(proc, lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), log)
-        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+        wait_until_ready(proc, lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), log)
+        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -168,10 +168,10 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_continues_the_run
     # Slurm holds a requeued job for cred_expire + 1 s (6 s here, tests/slurm_cluster.sh)
 
     # the uninterrupted run, in-process, meanwhile
+    from amfs_dist import lifecycle
     from amfs_dist.config import load_config
-    from amfs_dist.train import run_training
     reference = tmp_path / "reference"
-    run_training(load_config(None, TINY + [f"train.steps={steps}"]), out=reference, progress=False)
+    lifecycle.train(load_config(None, TINY + [f"train.steps={steps}"]), reference, progress=False)
 
     job = slurm.wait(job_id)
     log = assert_quiet_success(slurm, job_id, job)

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
+from amfs_dist import lifecycle
 from amfs_dist.cli import main
 from amfs_dist.config import load_config
-from amfs_dist.train import CHECKPOINT, run_training
+from amfs_dist.train import CHECKPOINT
 
 
 class Interrupt(Exception):
@@ -28,7 +29,7 @@ def test_status_of_a_run_in_progress_then_finished(tiny, tmp_path, capsys):
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        run_training(cfg, out=run, progress=False, on_step=stop_at_3)
+        lifecycle.train(cfg, run, progress=False, on_step=stop_at_3)
     hour_ago = time.time() - 3600
     os.utime(run / CHECKPOINT, (hour_ago, hour_ago))
     status = _status(capsys, run)
@@ -43,7 +44,7 @@ def test_status_of_a_run_in_progress_then_finished(tiny, tmp_path, capsys):
         log.write('{"step": 4, "lo')
     assert _status(capsys, run)["last_metrics"] == status["last_metrics"]
 
-    result = run_training(resume=run, progress=False)
+    result = lifecycle.resume(run, progress=False)
     status = _status(capsys, run)
     assert status["step"] == 4 and status["finished"] is True and status["result"] == result
     assert status["last_validation"]["step"] == 4 and status["checkpoint_age_s"] < 120

@@ -16,8 +16,17 @@ import torch
 
 from amfs_dist.train import CHECKPOINT
 from conftest import TINY
-from test_signals import STOP_DEADLINE_S, _env, _rows, _start, _stop_within_deadline, _wait_for
-from test_tune import GOOD, read_csv_rows, write_sweep
+from helpers import (
+    GOOD,
+    STOP_DEADLINE_S,
+    amfs_env,
+    logged_rows,
+    read_csv_rows,
+    start_logged,
+    stop_within_deadline,
+    wait_until_ready,
+    write_sweep,
+)
 
 AMFS = [sys.executable, "-m", "amfs_dist"]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -31,14 +40,14 @@ def test_sigterm_stops_a_sweep_and_the_same_command_continues_it(tmp_path):
     # two trials of 40 steps with a validation (and a Tune checkpoint) every 2 steps
     f = write_sweep(tmp_path / "sweep.yaml", base={"train.steps": 40}, num_samples=2,
                     scheduler="fifo", points_to_evaluate=[GOOD])
-    out, log, env = tmp_path / "out", tmp_path / "tune.log", _env()
+    out, log, env = tmp_path / "out", tmp_path / "tune.log", amfs_env()
     cmd = AMFS + ["tune", "--config", str(f), "--out", str(out), "--resume-if-exists",
                   "--allow-pickle", "--quiet"]
-    proc = _start(cmd, log, env)
+    proc = start_logged(cmd, log, env)
     try:
-        _wait_for(proc, lambda: any(p.name != "checkpoint_000000" for p in
+        wait_until_ready(proc, lambda: any(p.name != "checkpoint_000000" for p in
                                     (out / "tune").glob("trial_*/checkpoint_*")), log, 300)
-        rc, output = _stop_within_deadline(proc, signal.SIGTERM, log)
+        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -77,12 +86,12 @@ def test_a_stop_signal_stops_an_experiment_and_its_cells_checkpoint(signum, tmp_
     f = tmp_path / "exp.yaml"
     f.write_text(EXPERIMENT)
     out, log = tmp_path / "out", tmp_path / "exp.log"
-    proc = _start(AMFS + ["experiment", "compare", "--config", str(f), "--out", str(out),
-                          "--quiet"], log, _env())
+    proc = start_logged(AMFS + ["experiment", "compare", "--config", str(f), "--out", str(out),
+                          "--quiet"], log, amfs_env())
     cells = out / "cells"
     try:
-        _wait_for(proc, lambda: any(len(_rows(c)) >= 3 for c in cells.glob("*")), log, 300)
-        rc, output = _stop_within_deadline(proc, signum, log)
+        wait_until_ready(proc, lambda: any(len(logged_rows(c)) >= 3 for c in cells.glob("*")), log, 300)
+        rc, output = stop_within_deadline(proc, signum, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -91,7 +100,7 @@ def test_a_stop_signal_stops_an_experiment_and_its_cells_checkpoint(signum, tmp_
     assert f"experiment stopped by {signal.Signals(signum).name}" in output, output[-3000:]
     [cell] = list(cells.glob("*"))
     step = torch.load(cell / CHECKPOINT, weights_only=True)["step"]  # the cell checkpointed
-    assert step >= 3 and [r["step"] for r in _rows(cell)] == list(range(1, step + 1))
+    assert step >= 3 and [r["step"] for r in logged_rows(cell)] == list(range(1, step + 1))
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -112,11 +121,11 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
         proc = subprocess.Popen(AMFS + ["train", "--no-progress", "--out", str(run)] + TINY
                                 + ["train.steps=3000", "dist.workers=1",
                                    "dist.cpus_per_worker=0.5"],
-                                env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                                env=amfs_env(), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     sid = proc.pid
     try:
-        _wait_for(proc, lambda: len(_rows(run)) >= 2, log, 300)
+        wait_until_ready(proc, lambda: len(logged_rows(run)) >= 2, log, 300)
         assert any("DashboardAgent" in p for p in _session_processes(sid))  # Ray is up
         proc.kill()
         proc.wait()

@@ -1,10 +1,11 @@
 """Run directories and data stores on object storage, against a real S3 HTTP server (moto)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -17,55 +18,9 @@ from amfs_dist.cli import main
 from amfs_dist.data.episodes import ImageSet
 from amfs_dist.data.store import write_store
 from amfs_dist.train import CHECKPOINT
-from conftest import ctrl_c_at_step
+from conftest import BUCKET, ctrl_c_at_step
 
 pafs = pytest.importorskip("pyarrow.fs")
-pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the S3 endpoint")
-
-BUCKET = "amfs-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 endpoint on 127.0.0.1 (moto's server, stopped by its PID), one bucket, and the
-    environment that points pyarrow at it; yields a pyarrow S3FileSystem to inspect it with."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                               access_key="testing", secret_key="testing", region="us-east-1",
-                               allow_bucket_creation=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                fs.create_dir(BUCKET)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.3)
-        yield fs
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def _files(fs, prefix: str) -> dict[str, int]:
     infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", allow_not_found=True))
@@ -149,6 +104,80 @@ def test_a_store_on_s3_is_a_data_source(s3, tiny, tmp_path, capsys, monkeypatch)
     assert main(["train", "--out", str(tmp_path / "r2"), *tiny,
                  f"data.source=s3://{BUCKET}/stores/none"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_a_bucket_that_cannot_be_written_fails_before_training(s3, tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    """The first upload used to come only after train.checkpoint_every steps."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    uri = "s3://nobucket/run"
+    assert main(["train", "--out", uri, "--no-progress", *tiny, "train.steps=2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and "not writable" in lines[0], lines
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
+@pytest.mark.slow
+def test_a_killed_runs_staging_copy_is_reused_and_removed(s3, tiny, tmp_path):
+    """SIGKILL leaves the local copy of an s3:// run; continuing the run takes it over."""
+    uri = f"s3://{BUCKET}/runs/killed"
+    env = {**os.environ, "AMFS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    train = [sys.executable, "-m", "amfs_dist", "train", "--out", uri, "--no-progress", *tiny,
+             "train.checkpoint_every=1", "train.steps=100000"]
+    proc = subprocess.Popen(train, env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while CHECKPOINT not in _files(s3, "runs/killed") and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(os.listdir(tmp_path / "cache" / "staging")) == 2  # the copy and its lock file
+    done = subprocess.run([sys.executable, "-m", "amfs_dist", "train", "--resume", uri,
+                           "--no-progress", "train.steps=1"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr  # train.steps=1: it finishes at once
+    assert json.loads(done.stdout)["meta_steps"] >= 1
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
+def test_a_local_copy_whose_upload_failed_is_uploaded_when_the_run_continues(s3, tiny,
+                                                                             tmp_path, capsys,
+                                                                             monkeypatch):
+    """The copy an upload failure left (the error named it) holds what the URI lacks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/runs/unsynced"
+    with ctrl_c_at_step(1):
+        assert main(["train", "--out", str(tmp_path / "local"), "--no-progress", *tiny,
+                     "train.steps=2"]) == 130
+    copy = tmp_path / "cache" / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    shutil.copytree(tmp_path / "local", copy)
+    (copy / ".unsynced").touch()
+    capsys.readouterr()
+    assert main(["train", "--resume", uri, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta_steps"] == 2
+    assert {"result.json", "model.pt", CHECKPOINT} <= set(_files(s3, "runs/unsynced"))
+    assert os.listdir(tmp_path / "cache" / "staging") == []
+
+
+def test_read_copies_a_killed_command_left_are_removed_after_a_day(s3, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("AMFS_CACHE", str(tmp_path / "cache"))
+    staging = tmp_path / "cache" / "staging"
+    old, recent, training = staging / "0123456789ab-x1", staging / "0123456789ab-x2", \
+        staging / "0123456789ab"
+    for folder in (old, recent, training):
+        folder.mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    os.utime(training, (time.time() - 2 * 86400,) * 2)
+    assert main(["status", f"s3://{BUCKET}/runs/none"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert sorted(os.listdir(staging)) == [training.name, recent.name]
 
 
 @pytest.mark.parametrize("uri", ["ftp://host/run", "s4://bucket/run"])

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
+from amfs_dist import lifecycle
 from amfs_dist.cli import main
 from amfs_dist.config import load_config
-from amfs_dist.train import CHECKPOINT, run_training
+from amfs_dist.train import CHECKPOINT
 from conftest import ctrl_c_at_step
 from helpers import assert_whole_queries
 
@@ -25,17 +26,17 @@ class Interrupt(Exception):
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
     cfg = load_config(None, tiny + ["train.steps=6", "train.checkpoint_every=2", "method=amfs",
                                     "kernel.learn_lam=true"])
-    straight = run_training(cfg, out=tmp_path / "straight", progress=False)
+    straight = lifecycle.train(cfg, tmp_path / "straight", progress=False)
 
     def stop_at_3(trainer, row):
         if trainer.step == 3:
             raise Interrupt()
 
     with pytest.raises(Interrupt):
-        run_training(cfg, out=tmp_path / "cut", progress=False, on_step=stop_at_3)
+        lifecycle.train(cfg, tmp_path / "cut", progress=False, on_step=stop_at_3)
     state = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     assert state["step"] == 3  # the checkpoint taken on the way out, not the step-2 one
-    resumed = run_training(resume=tmp_path / "cut", progress=False)
+    resumed = lifecycle.resume(tmp_path / "cut", progress=False)
     for name, value in _params(tmp_path / "straight").items():
         torch.testing.assert_close(_params(tmp_path / "cut")[name], value, rtol=0, atol=0)
     assert resumed["test_accuracy"] == straight["test_accuracy"]
@@ -46,7 +47,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path):
 @pytest.mark.parametrize("method", ["amfs", "iamfs", "oamfs", "maml", "fomaml"])
 def test_every_method_trains_and_writes_a_result(method, tiny, tmp_path):
     cfg = load_config(None, tiny + ["train.steps=2", "train.val_every=2", f"method={method}"])
-    result = run_training(cfg, out=tmp_path, progress=False)
+    result = lifecycle.train(cfg, tmp_path, progress=False)
     assert RESULT_KEYS <= set(result)
     assert result["method"] == method and result["meta_steps"] == 2
     assert result["test_episodes"] == 6
@@ -67,8 +68,8 @@ def test_training_improves_on_synthetic_glyphs(tmp_path):
     """Enough steps on the default settings (smaller model) beat the untrained model."""
     cfg = load_config(None, ["train.steps=30", "train.val_every=0", "eval.episodes=40",
                              "data.queries=5", "model.width=16", "train.lr=0.005"])
-    before = run_training(cfg.replace(**{"train.steps": 0}), out=tmp_path / "0", progress=False)
-    after = run_training(cfg, out=tmp_path / "30", progress=False)
+    before = lifecycle.train(cfg.replace(**{"train.steps": 0}), tmp_path / "0", progress=False)
+    after = lifecycle.train(cfg, tmp_path / "30", progress=False)
     assert after["test_accuracy"] > before["test_accuracy"] + 0.03
     assert after["test_accuracy"] > 0.5  # chance is 0.2
 
@@ -77,7 +78,7 @@ def test_sinusoid_regression(tmp_path):
     cfg = load_config(None, ["data.source=sinusoid", "data.shots=10", "data.queries=10",
                              "train.steps=3", "train.val_every=0", "eval.episodes=20",
                              "method=iamfs", "kernel.gamma=0"])
-    result = run_training(cfg, out=tmp_path, progress=False)
+    result = lifecycle.train(cfg, tmp_path, progress=False)
     assert result["test_accuracy"] is None and result["test_mse"] > 0
 
 
@@ -107,7 +108,7 @@ def test_eval_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 def test_checkpoint_loads_with_weights_only(tiny, tmp_path):
     cfg = load_config(None, tiny + ["train.steps=1"])
-    run_training(cfg, out=tmp_path, progress=False)
+    lifecycle.train(cfg, tmp_path, progress=False)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert {"step", "model", "optimizer", "torch_rng"} <= set(state)
 
@@ -161,7 +162,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, capsys
 
 def test_resume_if_exists_starts_continues_and_then_only_reports(tiny, tmp_path, capsys):
     args = tiny + ["train.steps=4", "train.checkpoint_every=2"]
-    straight = run_training(load_config(None, args), out=tmp_path / "straight", progress=False)
+    straight = lifecycle.train(load_config(None, args), tmp_path / "straight", progress=False)
     run = tmp_path / "run"
 
     def stop_at_3(trainer, row):
@@ -169,8 +170,8 @@ def test_resume_if_exists_starts_continues_and_then_only_reports(tiny, tmp_path,
             raise Interrupt()
 
     with pytest.raises(Interrupt):  # the first attempt starts the run (no --out there yet)
-        run_training(load_config(None, args), out=run, progress=False, on_step=stop_at_3,
-                     resume_if_exists=True)
+        lifecycle.train(load_config(None, args), run, progress=False, on_step=stop_at_3,
+                     start_or_continue=True)
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
     cli = ["train", "--out", str(run), "--resume-if-exists", "--no-progress", *args]
     assert main(cli) == 0  # the second continues it from step 3

@@ -13,46 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from amfs_dist.cli import main as amfs
-from amfs_dist.config import PACKAGE_DIR, dump_yaml, load_config
+from amfs_dist.config import PACKAGE_DIR, load_config
 from amfs_dist.tune.space import load_sweep
 from conftest import PickleThatWritesAFile
-from helpers import assert_whole_queries
+from helpers import GOOD, TEST_BASE, TEST_SEARCH, assert_whole_queries, read_csv_rows, write_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TUNING = PACKAGE_DIR / "tuning"  # the sweep files shipped with the package
 
-# Tiny trials: 3-way 1-shot glyphs at 16 px, a width-8 Conv-4, 8 steps, a validation every 2.
-TEST_BASE = {
-    "data.source": "synthetic", "data.image_size": 16, "data.ways": 3, "data.shots": 1,
-    "data.queries": 2, "model.width": 8, "train.meta_batch": 4, "train.steps": 8,
-    "train.val_every": 2, "train.val_episodes": 3, "train.checkpoint_every": 2,
-    "eval.episodes": 6, "eval.queries": 2, "eval.batch": 3, "train.device": "cpu",
-}
-TEST_SEARCH = {
-    "kernel.bandwidth": {"loguniform": [0.001, 3.0]},
-    "kernel.lam": {"loguniform": [0.01, 1.0]},
-    "kernel.mu": {"uniform": [0.0, 0.1]},
-    "kernel.gamma": {"uniform": [0.0, 0.05]},
-}
-GOOD = {"kernel.bandwidth": 1.0, "kernel.lam": 0.1, "kernel.mu": 0.05, "kernel.gamma": 0.01}
 # bandwidth 1e-3 on unit-norm features: K = I and K_q = 0, so every query gets the same logits
 # and the accuracy is exactly chance (1/3) at every validation, below any learning trial
 BAD = {"kernel.bandwidth": 0.001, "kernel.lam": 0.1, "kernel.mu": 0.05, "kernel.gamma": 0.01}
-
-
-def write_sweep(path: Path, base=None, search=None, **settings) -> Path:
-    sweep = {"name": "test", "num_samples": 4, "max_concurrent_trials": 2, "seed": 0,
-             "grace_period": 1, "reduction_factor": 2, "startup_trials": 2, "test_episodes": 6}
-    sweep.update(settings)
-    path.write_text(dump_yaml({"base": {**TEST_BASE, **(base or {})},
-                                    "search": search or TEST_SEARCH, "sweep": sweep}))
-    return path
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    import csv
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 # -- the sweep file ------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import tempfile
 import time
 
 from amfs_dist.algorithms.heads import PRESETS
+from amfs_dist.backend import resolve_device
 from amfs_dist.benchmarks.common import add_config_arguments, emit, machine
 from amfs_dist.config import Config, load_config
-from amfs_dist.evaluate import resolve_device
 
 METHODS = tuple(PRESETS)  # every method
 

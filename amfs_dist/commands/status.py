@@ -40,17 +40,12 @@ def run_status(run: str | Path) -> dict:
 def _status(name: str, local: Path, checkpoint) -> dict:
     import pyarrow.fs as pafs
 
-    from amfs_dist.config import load_config
-    from amfs_dist.errors import UserError
-    from amfs_dist.runs import read_metrics
-    if not (local / "config.yaml").is_file():
-        raise UserError(f"{name}: not a run directory (no config.yaml)")
-    cfg = load_config(local / "config.yaml")
+    from amfs_dist.runs import RESULT, read_metrics, read_result, read_run_config
+    cfg = read_run_config(local, flag="", name=name)
     # a last line being written right now is dropped, as on --resume
     rows = read_metrics(local / "metrics.jsonl") if (local / "metrics.jsonl").is_file() else []
     validations = [r for r in rows if r.get("val_accuracy") is not None]
-    result = (json.loads((local / "result.json").read_text())
-              if (local / "result.json").is_file() else None)
+    result = read_result(local) if (local / RESULT).is_file() else None
     age = (round(time.time() - checkpoint.mtime.timestamp(), 1)
            if checkpoint.type == pafs.FileType.File else None)
     return {"run": name, "method": cfg.method_name, "step": rows[-1]["step"] if rows else 0,

@@ -1,7 +1,10 @@
-"""`amfs train [--config FILE] [--out DIR [--resume-if-exists]] [--resume RUN_DIR] [key=value ...]`."""
+"""`amfs train [--config FILE] [--out DIR [--resume-if-exists]] [--resume RUN_DIR]
+[--wait-for-lock] [key=value ...]`."""
 from __future__ import annotations
 
 import json
+
+from amfs_dist.locks import add_wait_flag
 
 
 def register(sub) -> None:
@@ -17,23 +20,28 @@ def register(sub) -> None:
                         "required; a finished run's result is printed again), else start it. "
                         "For launchers that may run the same command twice (requeue, retry)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_wait_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from amfs_dist import api, lifecycle
     from amfs_dist.config import load_config
     from amfs_dist.errors import UserError
-    from amfs_dist.train import run_training
 
     if args.resume and (args.config or args.out):
         raise UserError("--resume takes the run's own config.yaml and directory; "
                         "drop --config/--out (key=value overrides are allowed)")
     if args.resume_if_exists and not args.out:
         raise UserError("--resume-if-exists needs --out (the run to start or continue)")
-    cfg = None if args.resume else load_config(args.config, args.overrides)
-    result = run_training(cfg, out=args.out, resume=args.resume, progress=not args.no_progress,
-                          overrides=args.overrides if args.resume else None,
-                          resume_if_exists=args.resume_if_exists)
+    progress, wait = not args.no_progress, args.wait_for_lock
+    if args.resume:
+        result = lifecycle.resume(args.resume, args.overrides, wait_for_lock=wait,
+                                  progress=progress)
+    else:
+        result = api.train_run(load_config(args.config, args.overrides), args.out,
+                               resume_if_exists=args.resume_if_exists, wait_for_lock=wait,
+                               progress=progress).result
     print(json.dumps(result))
     return 0

@@ -21,8 +21,8 @@ def load_images(source: str, image_size: int | None = None) -> ImageSet:
         from amfs_dist.data.synthetic import glyph_images
         check_glyph_memory(image_size or 28)
         return glyph_images(GLYPH_DATA_SEED, image_size or 28)
-    from amfs_dist.data.store import open_store
-    from amfs_dist.storage import cached_store, is_uri
+    from amfs_dist.data.store import cached_store, open_store
+    from amfs_dist.storage import is_uri
     return open_store(cached_store(source) if is_uri(source) else source)
 
 

@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from amfs_dist.locks import add_wait_flag, hold, wait_until_free
+
 DATASETS = ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs")
 
 
@@ -43,6 +45,7 @@ def register(subparsers) -> None:
                          help="cub only: crop every image to its bounding box")
     prepare.add_argument("--force", action="store_true",
                          help="replace an existing store at --out (never any other folder)")
+    add_wait_flag(prepare)
     prepare.set_defaults(func=run_prepare)
 
     info = sub.add_parser("info", help="print the classes and images of a store per split",
@@ -70,14 +73,16 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise StoreError(f"--src {args.src} is inside --out {args.out}; choose an --out "
                          f"outside the source data")
     check_out(args.out, args.force)
+    wait_until_free(args.out, "store", args.wait_for_lock)  # a second prepare: refused or waits
     opts = PrepareOptions(image_size=args.image_size, split=args.split, rotations=args.rotations,
                           allow_pickle=args.allow_pickle, bbox_crop=args.bbox_crop)
     start = time.perf_counter()
     data, split_name = prepare.load(args.name, args.src, opts)
     options = {"image_size": int(data.image_shape[-1]), "rotations": args.rotations,
                "bbox_crop": args.bbox_crop, "src": str(args.src.resolve())}
-    write_store(args.out, data, source=args.name, split_name=split_name, options=options,
-                force=args.force)
+    with hold(args.out, "store", args.wait_for_lock):  # checks --out again, then writes
+        write_store(args.out, data, source=args.name, split_name=split_name, options=options,
+                    force=args.force)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     print(summary_table(args.out, open_store(args.out)))
     return 0

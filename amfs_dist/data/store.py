@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from amfs_dist.data.episodes import SPLITS, ImageSet
 from amfs_dist.errors import UserError
+from amfs_dist.files import cache_dir, write_json
 
 STORE_FORMAT = "amfs-image-store"
 STORE_VERSION = 1
@@ -233,7 +234,7 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
         with pa.OSFile(str(tmp / DATA_FILE), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, len(images)))
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(tmp / MANIFEST_FILE, manifest)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the files already honour it
         if out.exists():  # --force: move the old store aside only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
@@ -247,8 +248,10 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # pyarrow's errors name no file
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from None
         raise
     return manifest
 
@@ -402,3 +405,36 @@ def open_store(path: str | Path, verify: bool = False) -> ImageSet:
         raise StoreError(f"{path}: content hash differs from {MANIFEST_FILE}: the store was "
                          f"modified or damaged; prepare it again")
     return data
+
+
+def cached_store(uri: str) -> Path:
+    """A local copy of the data store at `uri`, downloaded once into AMFS_CACHE/stores/<hash of
+    URI and manifest> (storage.py's docstring says more)."""
+    import pyarrow.fs as pafs
+
+    from amfs_dist.storage import RemoteRun
+    remote = RemoteRun(uri)
+    if remote.info(MANIFEST_FILE).type != pafs.FileType.File:
+        raise StoreError(f"{uri}: not an amfs data store ({MANIFEST_FILE} is missing; create "
+                         f"one with `amfs data prepare` and upload the folder)")
+
+    def read_manifest() -> bytes:
+        with remote.fs.open_input_stream(f"{remote.path}/{MANIFEST_FILE}") as f:
+            return f.read()
+    manifest = remote._io(read_manifest)
+    key = hashlib.sha256(remote.uri.encode() + b"\0" + manifest).hexdigest()[:16]
+    local = cache_dir() / "stores" / key
+    if not (local / MANIFEST_FILE).is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local.parent))
+        try:
+            remote.local = tmp
+            remote.pull([DATA_FILE])
+            (tmp / MANIFEST_FILE).write_bytes(manifest)
+            try:
+                os.rename(tmp, local)
+            except OSError:  # another process on this node was faster: use its copy
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local

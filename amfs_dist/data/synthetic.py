@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from amfs_dist.data.episodes import Episodes, ImageSet, task_rng
-from amfs_dist.storage import cache_dir
+from amfs_dist.files import atomic_write, cache_dir
 
 GLYPH_CLASSES = {"train": 480, "val": 80, "test": 160}
 GLYPH_INSTANCES = 20  # as in Omniglot: 20 drawers per character
@@ -86,13 +85,12 @@ def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES
     images = _load_cached(path, seed, size, instances, n_classes)
     if images is None:
         images = render_glyphs(seed, size, instances, n_classes)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        try:  # write then rename: readers see the old file or the whole new one
+        try:  # readers see the old file or the whole new one
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(tmp, images)
-            os.replace(tmp, path)
+            with atomic_write(path, "wb") as f:
+                np.save(f, images)
         except OSError:
-            tmp.unlink(missing_ok=True)  # a read-only home is fine: rendered each time
+            pass  # a read-only home is fine: rendered each time
     labels = np.repeat(np.arange(len(images) // instances), instances)
     splits, first = {}, 0
     for name, count in classes:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -307,8 +307,8 @@ class RayBackend:
         t0 = time.perf_counter()
         params_ref, params_bytes = self._put_params(flat_params)
         active = self._active(task_ids)
-        out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].gradients.remote(
-            params_ref, step, ids)) for w, (_, ids) in active.items()},
+        out = self._gather({w: (lambda w=w, ids=ids, p=params_ref: self.workers[w].gradients.remote(
+            p, step, ids)) for w, (_, ids) in active.items()},
             what=f"gradients step {step}")
         T, W = len(task_ids), len(self.live())
         grads = torch.empty(T, self.num_params, dtype=torch.float32)
@@ -334,8 +334,8 @@ class RayBackend:
         t0 = time.perf_counter()
         params_ref, params_bytes = self._put_params(flat_params)
         active = self._active(task_ids)
-        out = self._gather({w: (lambda w=w, ids=ids: self.workers[w].sketches.remote(
-            params_ref, step, ids, round_id)) for w, (_, ids) in active.items()},
+        out = self._gather({w: (lambda w=w, ids=ids, p=params_ref: self.workers[w].sketches.remote(
+            p, step, ids, round_id)) for w, (_, ids) in active.items()},
             what=f"sketches step {step}")
         T, W, d = len(task_ids), len(self.live()), self.cfg.dist.sketch_dim
         sketches = np.empty((T, d), np.float32)
@@ -364,8 +364,8 @@ class RayBackend:
         phase2: list = []
         t2 = time.perf_counter()
         if weights is not None:
-            sums = self._gather({w: (lambda w=w, k=k, ids=ids: self.workers[w].weighted_sum.remote(
-                [params_ref], step, ids, round_id, full[k::W])) for w, (k, ids) in active.items()},
+            sums = self._gather({w: (lambda w=w, k=k, ids=ids, p=params_ref: self.workers[w].weighted_sum.remote(
+                [p], step, ids, round_id, full[k::W])) for w, (k, ids) in active.items()},
                 what=f"weighted sums step {step}")
             direction = torch.zeros(self.num_params, dtype=torch.float32)
             direction_np = direction.numpy()

@@ -57,8 +57,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Sequence
 
 import numpy as np
 import psutil

@@ -15,8 +15,8 @@ import functools
 import os
 import signal
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from amfs_dist.experiment.spec import EXPERIMENTS
+from amfs_dist.locks import add_wait_flag, hold
 
 
 def register(sub) -> None:
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="experiment directory (default experiments-out/NAME-TIMESTAMP)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the file's seeds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_wait_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for every cell (a grid key given here is fixed)")
     p.set_defaults(func=run)
@@ -33,7 +35,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else (
         Path("experiments-out") / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from amfs_dist.experiment.run import run_experiment
-    summary = run_experiment(spec, out, progress=not args.quiet)
+    with hold(out, "experiment directory", args.wait_for_lock):
+        summary = run_experiment(spec, out, progress=not args.quiet)
     print(summary["table"])
     print(summary["line"], flush=True)
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from amfs_dist.errors import RunStopped, UserError
 from amfs_dist.experiment.spec import Cell, ExperimentSpec
+from amfs_dist.files import read_json, write_json
 from amfs_dist.stopping import as_stop
 
 MANIFEST = "experiment.json"
@@ -48,17 +49,17 @@ def eval_overrides(spec: ExperimentSpec, cell: Cell) -> dict[str, list[str]]:
 def run_cell(cell_dir: str, values: dict, evals: dict[str, list[str]]) -> dict:
     """Train (or resume, or skip when finished) one cell, run its extra evaluations, write
     cell.json; returns it."""
+    from amfs_dist import lifecycle
     from amfs_dist.config import resolve
     from amfs_dist.evaluate import eval_run
-    from amfs_dist.train import run_training
 
     reset_peak_rss()
     run = Path(cell_dir)
     info_path = run / CELL_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_json(info_path, "cell record") if info_path.is_file() else {}
     trained = not (run / "result.json").is_file()
     if trained:  # start, or continue from the checkpoint a stopped cell left
-        run_training(resolve({}, values), out=run, progress=False, resume_if_exists=True)
+        lifecycle.train(resolve({}, values), run, progress=False, start_or_continue=True)
     done = info.get("evals", {})
     for name, overrides in evals.items():
         if name not in done:
@@ -67,9 +68,7 @@ def run_cell(cell_dir: str, values: dict, evals: dict[str, list[str]]) -> dict:
     if not trained and "peak_rss_mb" in info:  # only evaluated now: training's peak stands
         peak_mb = max(peak_mb, info["peak_rss_mb"])
     info = {"peak_rss_mb": round(peak_mb, 1), "trained_here": trained, "evals": done}
-    tmp = info_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(info_path)
+    write_json(info_path, info)
     return info
 
 
@@ -99,7 +98,7 @@ def prepare_dir(spec: ExperimentSpec, out: Path, cells: list[Cell]) -> None:
 
     manifest = out / MANIFEST
     if manifest.is_file():
-        old = json.loads(manifest.read_text())
+        old = read_json(manifest, "experiment manifest")
         if old.get("experiment") != spec.name:
             raise UserError(f"--out {out}: holds the experiment {old.get('experiment')!r}, not "
                             f"{spec.name!r}; choose another --out")
@@ -115,26 +114,22 @@ def prepare_dir(spec: ExperimentSpec, out: Path, cells: list[Cell]) -> None:
         raise UserError(f"--out {out}: exists and is not an experiment directory (no {MANIFEST});"
                         f" choose a new or empty directory")
     (out / CELLS).mkdir(parents=True, exist_ok=True)
-    known = json.loads(manifest.read_text())["cells"] if manifest.is_file() else {}
+    known = read_json(manifest, "experiment manifest")["cells"] if manifest.is_file() else {}
     known.update({c.name: c.settings for c in cells})  # cells of earlier runs stay listed
-    tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"amfs_experiment": 1, "experiment": spec.name,
-                               "spec": spec.to_dict(), "source": spec.source,
-                               "cells": known}, indent=2) + "\n")
-    tmp.replace(manifest)
+    write_json(manifest, {"amfs_experiment": 1, "experiment": spec.name,
+                          "spec": spec.to_dict(), "source": spec.source, "cells": known})
 
 
 def cell_done(out: Path, cell: Cell, evals: dict) -> bool:
     info = out / CELLS / cell.name / CELL_FILE
-    return info.is_file() and set(evals) <= set(json.loads(info.read_text())["evals"])
+    return info.is_file() and set(evals) <= set(read_json(info, "cell record")["evals"])
 
 
 # -- the experiment ------------------------------------------------------------------------------
 def run_experiment(spec: ExperimentSpec, out: str | Path, progress: bool = True) -> dict:
     """Run every unfinished cell on Ray, then write the results; returns the summary."""
-    from amfs_dist.experiment.report import write_results
-
     from amfs_dist.distributed.cluster import check_reachable
+    from amfs_dist.experiment.report import write_results
 
     out = Path(out).resolve()
     cells = spec.cells()

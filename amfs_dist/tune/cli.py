@@ -8,8 +8,11 @@ shipped with the package (amfs_dist/tuning/NAME.yaml) are named by NAME.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+
+from amfs_dist.locks import add_wait_flag, hold
 
 
 def register(sub) -> None:
@@ -39,6 +42,7 @@ def register(sub) -> None:
                    help="with --resume: rerun errored trials from scratch instead of from "
                         "their latest checkpoints")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
+    add_wait_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="sweep.NAME=V, search.KEY=V, or a base config key")
     p.set_defaults(func=run)
@@ -53,9 +57,10 @@ def run(args) -> int:
             raise UserError("--resume continues the sweep as it was configured (DIR/sweep.yaml); "
                             "drop --config, --out and key=value")
         from amfs_dist.tune.sweep import print_summary, resume_sweep
-        summary = resume_sweep(args.resume, progress=not args.quiet,
-                               restart_errored=args.restart_errored,
-                               allow_pickle=args.allow_pickle)
+        with _owned(args.resume, args.wait_for_lock):
+            summary = resume_sweep(args.resume, progress=not args.quiet,
+                                   restart_errored=args.restart_errored,
+                                   allow_pickle=args.allow_pickle)
         print_summary(summary)
         return 0 if "best_trial" in summary else 1
     if args.restart_errored:
@@ -68,10 +73,17 @@ def run(args) -> int:
     out = args.out or (
         Path("sweeps") / f"{spec.settings.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from amfs_dist.tune.sweep import print_summary, run_sweep, start_or_resume_sweep
-    if args.resume_if_exists:
-        summary = start_or_resume_sweep(spec, out, progress=not args.quiet,
-                                        allow_pickle=args.allow_pickle)
-    else:
-        summary = run_sweep(spec, out, progress=not args.quiet)
+    with _owned(out, args.wait_for_lock):
+        if args.resume_if_exists:
+            summary = start_or_resume_sweep(spec, out, progress=not args.quiet,
+                                            allow_pickle=args.allow_pickle)
+        else:
+            summary = run_sweep(spec, out, progress=not args.quiet)
     print_summary(summary)
     return 0 if "best_trial" in summary else 1  # 1: no trial produced a score
+
+
+def _owned(out, wait: bool):
+    """This process's sweep directory (locks.py); a URI has no local folder to lock."""
+    from amfs_dist.storage import is_uri
+    return contextlib.nullcontext() if is_uri(out) else hold(out, "sweep directory", wait)

@@ -15,7 +15,6 @@ checkpoint, the end of its training, is the model evaluated on the test split.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from amfs_dist.config import dump_yaml, resolve
+from amfs_dist.files import atomic_write, write_json, write_text
 from amfs_dist.storage import RemoteRun, is_uri
 from amfs_dist.tune.space import SweepSpec
 
@@ -146,14 +146,14 @@ def write_tables(rows: list[dict], out: Path) -> None:
             vals = [None if v is None else float(v) for v in vals]
         cols[c] = vals
     pq.write_table(pa.table(cols), out / "trials.parquet")
-    with open(out / "trials.csv", "w", newline="") as f:
+    with atomic_write(out / "trials.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if v is None else v) for k, v in row.items()})
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    (out / "trials.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "trials.md", "\n".join(lines) + "\n")
 
 
 def write_best_yaml(best: TrialRecord, spec: SweepSpec, path: Path) -> None:
@@ -162,7 +162,7 @@ def write_best_yaml(best: TrialRecord, spec: SweepSpec, path: Path) -> None:
               f"{spec.metric}={best.score:.4f} at step {best.step}",
               "# swept: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()),
               "# a full amfs config: amfs train --config THIS_FILE [key=value ...]"]
-    path.write_text("\n".join(header) + "\n" + dump_yaml(cfg.to_dict(), sort_keys=False))
+    write_text(path, "\n".join(header) + "\n" + dump_yaml(cfg.to_dict(), sort_keys=False))
 
 
 def plot(records: list[TrialRecord], spec: SweepSpec, best: TrialRecord | None, path: Path) -> None:
@@ -226,7 +226,7 @@ def evaluate_trial_run(run_dir: str, episodes: int | None) -> dict:
     torch.save({"model": state["model"], "input_shape": state["input_shape"]}, run / "model.pt")
     result = {k: v for k, v in eval_run(run, episodes).items() if k != "run"}
     result.update(meta_steps=int(state["step"]), wall_s=round(time.perf_counter() - t0, 3))
-    (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run / "result.json", result)
     return result
 
 
@@ -274,7 +274,7 @@ def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s
     if best is None:
         summary["line"] = (f"sweep {spec.settings.name}: no trial produced a {spec.metric} "
                            f"({counts}); see {shown}/trials.md")
-        (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "result.json", summary)
         return summary
     write_best_yaml(best, spec, out / "best.yaml")
     test = evaluate_best(best, spec, out)
@@ -291,6 +291,6 @@ def write_results(records: list[TrialRecord], spec: SweepSpec, out: Path, wall_s
                        f"{spec.metric}={best.score:.4f} {params}; "
                        f"{test_txt} ({test['test_episodes']} episodes); config: "
                        f"{shown}/best.yaml")
-    (out / "result.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "line"},
-                                                indent=2, default=str) + "\n")
+    write_json(out / "result.json", {k: v for k, v in summary.items() if k != "line"},
+               default=str)
     return summary

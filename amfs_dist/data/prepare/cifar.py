@@ -19,9 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from amfs_dist.data.episodes import SPLITS, ImageSet
-from amfs_dist.data.prepare.common import (ClassSpec, PrepareError, PrepareOptions,
-                                           check_split_classes, image_set, require_file,
-                                           resize_array, split_file_path, split_list, unpickle)
+from amfs_dist.data.prepare.common import (
+    ClassSpec,
+    PrepareError,
+    PrepareOptions,
+    check_split_classes,
+    image_set,
+    require_file,
+    resize_array,
+    split_file_path,
+    split_list,
+    unpickle,
+)
 
 RECORD_BYTES = 2 + 3 * 32 * 32
 NATIVE_SIZE = 32
