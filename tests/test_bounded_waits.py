@@ -82,7 +82,7 @@ def test_a_wait_that_cannot_end_well_is_one_line_in_bounded_time(argv, env, name
 def test_a_wait_for_the_autoscaler_says_what_it_waits_for(monkeypatch, capsys):
     ray = pytest.importorskip("ray")
     from amfs_dist.distributed import cluster
-    monkeypatch.setattr(cluster, "_autoscaling_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setattr(cluster, "autoscaling_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     cluster.check_resources([{"CPU": 1.0, "GPU": 1.0}] * 2, "dist.workers=2")
     err = capsys.readouterr().err

@@ -100,12 +100,13 @@ def actor_placed(actor) -> bool:
     try:
         from ray._private.state import actors
         entry = actors(actor._actor_id.hex())
-        address, state = entry["Address"]["IPAddress"], entry["State"]
     except Exception as e:  # gone, reshaped, or the GCS unreachable: never fail the run here
         _fallback(f"the GCS actor table (ray._private.state.actors) cannot be read ({e!r})",
                   "a replacement worker counts as placed")
         return True
-    return bool(address) or state not in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+    # a dead or restarting actor's entry has no address (the first call on it finds out)
+    address = (entry.get("Address") or {}).get("IPAddress")
+    return bool(address) or entry.get("State") not in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
 
 
 def tune_legacy_output() -> None:
