@@ -60,6 +60,18 @@ def resource_key(default: float, most: int, positive: bool = False) -> Key:
                f"{'> 0' if positive else '>= 0'}, <= {most} and a whole number above 1")
 
 
+def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
+    """A training driver's placement group (a Tune trial, an experiment cell): its own bundle,
+    then one per distributed worker (dist.cpus_per_worker / gpus_per_worker)."""
+    driver = {"CPU": float(cpus)}
+    if gpus:
+        driver["GPU"] = float(gpus)
+    worker = {"CPU": float(dist.cpus_per_worker)}
+    if dist.gpus_per_worker:
+        worker["GPU"] = float(dist.gpus_per_worker)
+    return [driver] + [dict(worker) for _ in range(dist.workers)]
+
+
 def path_label(v: str) -> bool:
     """A name that becomes one folder name: letters, digits and . _ + -, not starting with a
     dot (so never '..', never a path)."""

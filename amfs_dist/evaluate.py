@@ -1,7 +1,6 @@
 """Episode evaluation (docs/algorithm.md, Evaluation protocol) and `amfs eval` on a finished run."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -11,9 +10,8 @@ from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.backend import resolve_device
-from amfs_dist.config import load_config
 from amfs_dist.errors import UserError
-from amfs_dist.runs import load_module_state, load_torch_file
+from amfs_dist.runs import check_run_version, load_module_state, load_torch_file, read_run_config
 
 
 def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, queries: int,
@@ -51,13 +49,12 @@ def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, q
 def load_run(run_dir: str | Path, overrides: list[str] | None = None):
     """(config, learner with the run's final parameters, the training input shape)."""
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    check_run_version(run)
+    cfg = read_run_config(run, overrides, flag="")
     model_path = run / "model.pt"
     if not model_path.is_file():
         raise UserError(f"{run}: no model.pt; the run has not finished (resume it with "
                         f"`amfs train --resume {run}`)")
-    cfg = load_config(run / "config.yaml", overrides)
     saved = load_torch_file(model_path, ("model", "input_shape"), "model")
     input_shape = saved["input_shape"]
     if not (isinstance(input_shape, (list, tuple)) and len(input_shape) in (1, 3)
@@ -106,6 +103,3 @@ def _with_data_source(overrides: list[str] | dict | None, data_source: str) -> l
         return {**overrides, "data.source": data_source}
     return [*(overrides or []), f"data.source={data_source}"]
 
-
-def print_json(obj: dict) -> None:
-    print(json.dumps(obj))

@@ -154,6 +154,11 @@ ROWS = [
         write(r / "amfs-run.json", '{"package": "amfs-dist", "version": "99.0"}')
         and ["train", "--resume", str(r), "train.steps=3"], f"amfs 99.0, newer than this amfs "
                                                              f"{__version__}")),
+    ("eval-empty-config", 2, lambda t, r: (
+        write(r / "config.yaml", "") and ["eval", str(r)], "config.yaml")),
+    ("eval-run-of-a-newer-amfs", 2, lambda t, r: (
+        write(r / "amfs-run.json", '{"package": "amfs-dist", "version": "99.0"}')
+        and ["eval", str(r)], "newer than this amfs")),
     ("data-source-path-component-too-long", 2, lambda t, r: (
         train(t, "data.source=" + "b" * 100_000), "a path component of 100000 bytes")),
 ]

@@ -13,13 +13,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import json
+
     from amfs_dist.errors import UserError
-    from amfs_dist.evaluate import eval_run, print_json
+    from amfs_dist.evaluate import eval_run
 
     if args.episodes is not None and args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
     if args.episodes is not None:
         from amfs_dist.data import check_episode_count
         check_episode_count("--episodes", args.episodes)
-    print_json(eval_run(args.run_dir, args.episodes, args.overrides, progress=True))
+    print(json.dumps(eval_run(args.run_dir, args.episodes, args.overrides, progress=True)))
     return 0

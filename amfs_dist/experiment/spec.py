@@ -115,7 +115,7 @@ class ExperimentSpec:
         return out
 
     def bundles(self, values: dict[str, Any]) -> list[dict[str, float]]:
-        from amfs_dist.tune.space import placement_bundles
+        from amfs_dist.config import placement_bundles
         return placement_bundles(self.cpus, self.gpus, resolve({}, values).dist)
 
     def to_dict(self) -> dict:

@@ -44,12 +44,14 @@ from amfs_dist.config import (
     flatten_as,
     parse_override,
     path_label,
+    placement_bundles,
     printable,
     read_yaml_mapping,
     resolve,
     resource_key,
     shipped_files,
 )
+from amfs_dist.files import write_text
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")
@@ -173,19 +175,7 @@ class SweepSpec:
                 "sweep": self.settings.to_dict()}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(dump_yaml(self.to_yaml_dict(), sort_keys=False))
-
-
-def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
-    """A training driver's placement group (a Tune trial, an experiment cell): its own bundle,
-    then one per distributed worker (dist.cpus_per_worker / gpus_per_worker)."""
-    driver = {"CPU": float(cpus)}
-    if gpus:
-        driver["GPU"] = float(gpus)
-    worker = {"CPU": float(dist.cpus_per_worker)}
-    if dist.gpus_per_worker:
-        worker["GPU"] = float(dist.gpus_per_worker)
-    return [driver] + [dict(worker) for _ in range(dist.workers)]
+        write_text(Path(path), dump_yaml(self.to_yaml_dict(), sort_keys=False))
 
 
 # the sweep `amfs tune` runs without --config: amfs_dist/tuning/tiny-cpu.yaml
