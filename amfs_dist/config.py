@@ -88,8 +88,9 @@ METHOD_DEFAULTS = {"kernel.type": "rbf", "kernel.normalize": True, "kernel.mu": 
 
 SCHEMA: dict[str, Key] = {
     "seed": Key((int,), 0, _non_negative, ">= 0"),
-    "method": Key((str,), "amfs", _one_of(*PRESETS), "one of " + ", ".join(PRESETS)),
-    "inner": Key((str,), None, _one_of(*INNER_LOOPS), "one of " + ", ".join(INNER_LOOPS), True),
+    # checked against the live registry: heads.register() may add methods and heads
+    "method": Key((str,), "amfs", lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
+    "inner": Key((str,), None, lambda v: v in HEADS, "one of " + ", ".join(INNER_LOOPS), True),
     "outer.weighting": Key((str,), None, _one_of("cosine", "mean"), "cosine or mean", True),
     "outer.normalize": Key((str,), "clip", _one_of("clip", "softmax"), "clip or softmax"),
     "outer.temperature": Key((float,), 1.0, _positive, "> 0"),

@@ -170,3 +170,34 @@ def test_non_finite_features_give_non_finite_svm_outputs_not_an_error():
     z[2, 0] = float("nan")
     alpha = vmap(lambda K, Y: solve_dual(K, Y, 0.1, steps=5))((z @ z.T)[None], Y[None])
     assert not torch.isfinite(alpha).all()
+
+
+@pytest.fixture
+def registry_restored():
+    """The head registry as it was, after a test that registers a head."""
+    from amfs_dist.algorithms import heads
+    saved = dict(heads.HEADS), dict(heads.PRESETS), dict(heads._registered)
+    yield heads
+    for live, copy in zip((heads.HEADS, heads.PRESETS, heads._registered), saved):
+        live.clear()
+        live.update(copy)
+
+
+def test_a_registered_head_is_a_method_like_the_built_in_ones(registry_restored, tiny):
+    from amfs_dist.algorithms.heads.protonet import ProtoNetHead
+    from amfs_dist.algorithms.learner import MetaLearner
+    from amfs_dist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, [*tiny, "method=myproto"])
+
+    class MyProto(ProtoNetHead):
+        pass
+
+    registry_restored.register("myproto_head", MyProto, {"myproto": {"outer.weighting": "mean"}})
+    cfg = load_config(None, [*tiny, "method=myproto"])
+    assert cfg.inner_loop == "myproto_head" and cfg.outer_weighting == "mean"
+    assert isinstance(MetaLearner(cfg, (1, 28, 28)).head, MyProto)
+    with pytest.raises(ValueError, match="myproto_head, myproto already taken"):
+        registry_restored.register("myproto_head", MyProto, {"myproto": {}})
+    with pytest.raises(ValueError, match="amfs already taken"):
+        registry_restored.register("other", MyProto, {"amfs": {}})

@@ -58,12 +58,29 @@ ENTRIES = (
 )
 
 HEADS = {entry.inner: entry for entry in ENTRIES}
-INNER_LOOPS = tuple(HEADS)
+INNER_LOOPS = tuple(HEADS)  # the built-in heads; HEADS also holds the registered ones
 # method -> inner loop, outer weighting and any method defaults it changes
 PRESETS = {method: {"inner": entry.inner, **values}
            for entry in ENTRIES for method, values in entry.presets.items()}
+_registered: dict[str, type[Head]] = {}  # inner -> a head class given to register()
+
+
+def register(inner: str, head: type[Head], presets: dict[str, dict[str, Any]], *,
+             classification_only: bool = False, test_time_steps: bool = False) -> None:
+    """Add a head of one's own, and the methods that use it, without editing this package
+    (examples/custom_head.py). It is known in this process only: a run that uses it trains
+    in-process (dist.workers=0), since Ray workers do not run the code that registered it."""
+    taken = [name for name in (inner, *presets) if name in HEADS or name in PRESETS]
+    if taken:
+        raise ValueError(f"head registry: {', '.join(taken)} already taken")
+    HEADS[inner] = HeadEntry(inner, f"{head.__module__}:{head.__qualname__}", dict(presets),
+                             classification_only, test_time_steps)
+    _registered[inner] = head
+    PRESETS.update({method: {"inner": inner, **values} for method, values in presets.items()})
 
 
 def head_class(inner: str) -> type[Head]:
+    if inner in _registered:
+        return _registered[inner]
     module, name = HEADS[inner].path.split(":")
     return getattr(importlib.import_module(module), name)
