@@ -26,7 +26,7 @@ from conftest import BUCKET, TINY
 from helpers import snapshot, write
 
 SETTINGS = dict(parse_override(o) for o in TINY)
-HEADS_FROM_THE_SUPPORT_SET = ("amfs", "protonet", "r2d2")
+HEADS_FROM_THE_SUPPORT_SET = ("amfs", "protonet", "r2d2", "metaoptnet")
 
 
 @pytest.fixture(scope="module")
