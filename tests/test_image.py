@@ -5,6 +5,7 @@ No image builder or registry is needed: these check the Dockerfile's essentials 
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -119,3 +120,7 @@ def test_cluster_readme_ray_start_recipe_has_ports_of_its_own_and_token_auth():
     assert "RAY_AUTH_TOKEN=" in code and "RAY_AUTH_MODE=disabled" not in code
     (submit,) = [line for line in code.splitlines() if "ray job submit" in line]
     assert "$DASHBOARD_PORT" in submit
+    # before submitting, one line if the head's job-submission agent does not answer
+    assert code.index("ray job list") < code.index("ray job submit")
+    assert "job-submission agent is not up" in recipe
+    assert subprocess.run(["bash", "-n"], input=recipe, text=True).returncode == 0
