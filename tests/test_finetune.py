@@ -86,3 +86,19 @@ def test_batched_finetuning_equals_one_task_at_a_time(method, tiny):
 def test_bad_finetune_settings_name_the_key(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])
+
+
+def test_the_generic_leave_one_out_equals_the_feature_heads_one_pass_form(tiny):
+    """Head.support_loss (what a new head inherits: one adapt_predict per left-out example)
+    and FeatureHead's (the support encoded once) agree where the encoder has no batch norm."""
+    from amfs_dist.algorithms.heads.base import PREFIX, Head
+    cfg = load_config(None, ["data.source=sinusoid", "data.shots=5", "method=amfs"])
+    source = make_task_source(cfg, training=False)
+    learner = MetaLearner(cfg, source.input_shape)
+    ep = source.sample("test", 0, [0]).to("cpu")
+    params = {**{PREFIX + k: v for k, v in learner.head.named_buffers()},
+              **{k: v.detach() for k, v in learner.params().items()}}
+    args = (params, learner._features, ep.xs[0], ep.ys[0], 1)
+    generic, one_pass = Head.support_loss(learner.head, *args), learner.head.support_loss(*args)
+    torch.testing.assert_close(generic, one_pass)
+    assert one_pass > 0

@@ -76,7 +76,8 @@ class MetaLearner:
         self.layout = ParamLayout(self.params())
         # eval.finetune_params: what test-time fine-tuning updates
         encoder = [n for n in self.layout.names if n.startswith("backbone.")]
-        self.finetuned = {"all": encoder, "last": [n for n in encoder if block(n) == block(encoder[-1])]}
+        last = [n for n in encoder if block(n) == block(encoder[-1])]
+        self.finetuned = {"all": encoder, "last": last}
         self.autocast = (cfg.train.precision == "bf16")
         # train.deterministic: one task per chunk, so a task's gradient is computed by the
         # same kernels whatever the number of tasks in this process's pass
