@@ -161,6 +161,10 @@ SCHEMA: dict[str, Key] = {
     "eval.episodes": Key((int,), 600, _at_least_one, ">= 1"),
     "eval.queries": Key((int,), 15, _at_least_one, ">= 1"),
     "eval.batch": Key((int,), 50, _at_least_one, ">= 1"),
+    # test-time fine-tuning of the encoder on the support set (docs/algorithm.md)
+    "eval.finetune_steps": Key((int,), 0, _non_negative, ">= 0 (0: the meta-learned encoder as is)"),
+    "eval.finetune_lr": Key((float,), 0.01, _positive, "> 0"),
+    "eval.finetune_params": Key((str,), "all", _one_of("all", "last"), "all or last"),
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from amfs_dist.algorithms import maml
 from amfs_dist.algorithms.heads import head_class
 from amfs_dist.algorithms.heads.base import PREFIX, Head, loss_and_accuracy
 from amfs_dist.config import Config
@@ -49,6 +50,13 @@ class ParamLayout:
                 zip(self.names, flat.split(self.numels, dim=-1), self.shapes)}
 
 
+def block(name: str) -> tuple[str, ...]:
+    """The encoder block a parameter belongs to: "backbone.blocks.3.conv.weight" ->
+    ("blocks", "3"); "backbone.fc2.weight" -> ("fc2",)."""
+    parts = name.split(".")[1:]
+    return tuple(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else tuple(parts[:1])
+
+
 class MetaLearner:
     """Builds the model for a config and computes per-task losses and meta-gradients."""
 
@@ -66,6 +74,10 @@ class MetaLearner:
         self.head: Head = head_class(self.inner)(cfg, features, self.regression, self.ways)
         self.module = nn.ModuleDict({"backbone": backbone, "head": self.head}).to(self.device)
         self.layout = ParamLayout(self.params())
+        # eval.finetune_params: what test-time fine-tuning updates
+        encoder = [n for n in self.layout.names if n.startswith("backbone.")]
+        last = [n for n in encoder if block(n) == block(encoder[-1])]
+        self.finetuned = {"all": encoder, "last": last}
         self.autocast = (cfg.train.precision == "bf16")
         # train.deterministic: one task per chunk, so a task's gradient is computed by the
         # same kernels whatever the number of tasks in this process's pass
@@ -118,6 +130,30 @@ class MetaLearner:
         loss, acc = loss_and_accuracy(out, yq, self.regression)
         return loss + penalty, acc
 
+    def finetune(self, params: Params, xs, ys, ways: int | None = None) -> Params:
+        """Test-time fine-tuning (docs/algorithm.md): eval.finetune_steps SGD steps of the head's
+        support loss on the encoder's parameters (eval.finetune_params: all, or its last block),
+        from the support set alone. The parameters unchanged with eval.finetune_steps=0."""
+        e = self.cfg.eval
+        if e.finetune_steps == 0:
+            return params
+        head_constants = {PREFIX + k: v for k, v in self.head.named_buffers()}
+        ways = ways or self.ways
+
+        def loss(tuned, x, y):
+            return self.head.support_loss({**head_constants, **params, **tuned}, self._features,
+                                          x, y, ways)
+
+        tuned = maml.adapt(loss, {n: params[n] for n in self.finetuned[e.finetune_params]}, xs,
+                           ys, e.finetune_steps, e.finetune_lr, first_order=True)
+        return {**params, **tuned}
+
+    def support_loss(self, params: Params, xs, ys, ways: int | None = None) -> torch.Tensor:
+        """One task's support loss, the one finetune lowers."""
+        head_constants = {PREFIX + k: v for k, v in self.head.named_buffers()}
+        return self.head.support_loss({**head_constants, **params}, self._features, xs, ys,
+                                      ways or self.ways)
+
     # -- batched over tasks ----------------------------------------------------------------------
     def meta_gradients(self, params: Params, ep: Episodes) -> TaskGradients:
         """Per-task meta-gradients [T, P] of the query loss in one vmapped pass."""
@@ -136,10 +172,11 @@ class MetaLearner:
         """Test-time adaptation and query loss/accuracy per task, no meta-gradient."""
         ep = ep.to(self.device)
         params = {k: v.detach() for k, v in params.items()}
-        fn = vmap(lambda xs, ys, xq, yq: self.task_loss(params, xs, ys, xq, yq, training=False,
-                                                        ways=ep.ways),
+        fn = vmap(lambda xs, ys, xq, yq: self.task_loss(self.finetune(params, xs, ys, ep.ways), xs,
+                                                        ys, xq, yq, training=False, ways=ep.ways),
                   chunk_size=self.task_chunk)
-        grad_mode = torch.enable_grad() if self.head.needs_grad_at_test else torch.no_grad()
+        takes_grad = self.head.needs_grad_at_test or self.cfg.eval.finetune_steps > 0
+        grad_mode = torch.enable_grad() if takes_grad else torch.no_grad()
         with grad_mode, self.autocast_context():
             loss, acc = fn(ep.xs, ep.ys, ep.xq, ep.yq)
         return loss.detach(), acc.detach()

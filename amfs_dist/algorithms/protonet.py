@@ -10,7 +10,9 @@ import torch
 
 def prototypes(z_support: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """c_k = mean of the support features of class k: [ways, d] from z [n, d], onehot [n, ways]."""
-    counts = onehot.sum(-2)  # every class has >= 1 shot in an episode
+    # an episode has >= 1 shot per class; a leave-one-out support set (test-time fine-tuning)
+    # may not: an empty class's prototype is the origin, not 0/0
+    counts = onehot.sum(-2).clamp_min(1.0)
     return (onehot.transpose(-1, -2) @ z_support) / counts[..., :, None]
 
 

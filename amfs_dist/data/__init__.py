@@ -10,10 +10,14 @@ from amfs_dist.config import Config
 from amfs_dist.data.episodes import Episodes, ImageEpisodeSampler, ImageSet, TaskSource
 from amfs_dist.errors import UserError
 
-# the glyph data set is a fixed benchmark: the same images whatever the run's seed
+# the embedded data sets are fixed benchmarks: the same images whatever the run's seed
 GLYPH_DATA_SEED = 0
 MAX_EPISODES = 10**6  # per evaluation (eval.episodes, train.val_episodes, amfs eval --episodes)
 RENDER_CHUNK = 512  # glyphs rendered at once (data/synthetic.py _render)
+
+
+# the embedded image sources, rendered at data.image_size (default 28); any other name is a store
+RENDERED_SOURCES = ("synthetic", "shapes")
 
 
 def load_images(source: str, image_size: int | None = None) -> ImageSet:
@@ -21,6 +25,9 @@ def load_images(source: str, image_size: int | None = None) -> ImageSet:
         from amfs_dist.data.synthetic import glyph_images
         check_glyph_memory(image_size or 28)
         return glyph_images(GLYPH_DATA_SEED, image_size or 28)
+    if source == "shapes":
+        from amfs_dist.data.shapes import shape_images
+        return shape_images(GLYPH_DATA_SEED, image_size or 28)
     from amfs_dist.data.store import cached_store, open_store
     from amfs_dist.storage import is_uri
     return open_store(cached_store(source) if is_uri(source) else source)
@@ -40,7 +47,7 @@ def make_task_source(cfg: Config, input_shape: tuple[int, ...] | None = None,
         source = SinusoidTasks(d.shots, d.queries, cfg.seed)
         check_episodes(cfg, source, training)
         return source
-    images = load_images(d.source, d.image_size if d.source == "synthetic" else None)
+    images = load_images(d.source, d.image_size if d.source in RENDERED_SOURCES else None)
     native = images.image_shape
     target = tuple(input_shape) if input_shape else (
         d.channels or native[0], d.image_size or native[1], d.image_size or native[2])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,42 +80,57 @@ def glyph_images(seed: int = 0, size: int = 28, instances: int = GLYPH_INSTANCES
     """
     key = f"glyphs-v{_RENDER_VERSION}-s{seed}-{size}px-{instances}-" + "-".join(
         f"{name}{n}" for name, n in classes)
-    path = cache_dir() / f"{key}.npy"
     n_classes = sum(n for _, n in classes)
-    images = _load_cached(path, seed, size, instances, n_classes)
+    images = cached_images(key, (n_classes * instances, 1, size, size), instances,
+                           functools.partial(render_glyphs, seed, size, instances))
+    names = [f"glyph{c:04d}" for c in range(n_classes)]
+    return ImageSet(images, np.repeat(np.arange(n_classes), instances), names,
+                    contiguous_splits(classes))
+
+
+def contiguous_splits(classes: tuple[tuple[str, int], ...]) -> dict[str, np.ndarray]:
+    """Split name -> class ids, in the order given: ((train, 3), (val, 2)) -> 0-2, 3-4."""
+    splits, first = {}, 0
+    for name, count in classes:
+        splits[name] = np.arange(first, first + count)
+        first += count
+    return splits
+
+
+def cached_images(key: str, shape: tuple[int, ...], instances: int,
+                  render: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+    """A rendered data set (uint8, class-major, `instances` images per class), from the disk
+    cache (AMFS_CACHE, default ~/.cache/amfs-dist) when the file there is what `render` (of a
+    list of class ids) would give, else rendered and saved."""
+    path = cache_dir() / f"{key}.npy"
+    images = _load_cached(path, shape, instances, render)
     if images is None:
-        images = render_glyphs(seed, size, instances, n_classes)
+        images = render(list(range(shape[0] // instances)))
         try:  # readers see the old file or the whole new one
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path, "wb") as f:
                 np.save(f, images)
         except OSError:
             pass  # a read-only home is fine: rendered each time
-    labels = np.repeat(np.arange(len(images) // instances), instances)
-    splits, first = {}, 0
-    for name, count in classes:
-        splits[name] = np.arange(first, first + count)
-        first += count
-    names = [f"glyph{c:04d}" for c in range(len(images) // instances)]
-    return ImageSet(images, labels, names, splits)
+    return images
 
 
-def _load_cached(path: Path, seed: int, size: int, instances: int, n_classes: int
-                 ) -> np.ndarray | None:
-    """The cached images if they are what render_glyphs would give, else None (render again):
-    the shape and dtype must match, and so must the first and last classes, rendered afresh
-    (a pixel may differ by one level where float rounding lands on a half)."""
+def _load_cached(path: Path, shape: tuple[int, ...], instances: int,
+                 render: Callable[[list[int]], np.ndarray]) -> np.ndarray | None:
+    """The cached images if they are what render would give, else None (render again): the
+    shape and dtype must match, and so must the first and last classes, rendered afresh (a
+    pixel may differ by one level where float rounding lands on a half)."""
     if not path.is_file():
         return None
     try:
         images = np.load(path, allow_pickle=False)
     except Exception:  # truncated, not a .npy file, a damaged header: it is only a cache
         return None
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or \
-            images.shape != (n_classes * instances, 1, size, size):
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != shape:
         return None
+    n_classes = shape[0] // instances
     for c in {0, n_classes - 1}:
-        fresh = render_glyphs(seed, size, instances, [c]).astype(np.int16)
+        fresh = render([c]).astype(np.int16)
         if np.abs(images[c * instances:(c + 1) * instances] - fresh).max() > 1:
             return None
     return images

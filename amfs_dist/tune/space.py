@@ -59,7 +59,7 @@ RANGE_KINDS = ("loguniform", "uniform", "randint", "lograndint")
 FIXED_PREFIXES = ("dist.",)
 FIXED_KEYS = ("train.steps", "train.val_every")
 METRICS = {"val_accuracy": "max", "val_loss": "min"}
-BUILTIN_SOURCES = ("synthetic", "sinusoid")
+BUILTIN_SOURCES = ("synthetic", "shapes", "sinusoid")
 
 
 @dataclass(frozen=True)

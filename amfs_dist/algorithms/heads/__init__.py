@@ -6,6 +6,7 @@ first use. Adding a method (MetaOptNet's svm.py is the example):
 
 1. a head file here: a FeatureHead (predictions from support and query features) or a Head
    (anything else: adapt_predict is given the encoder, as MAML's);
+   test-time fine-tuning (eval.finetune_steps) uses its support_loss, leave-one-out by default;
 2. one HeadEntry below, with the method presets that use it (`amfs bench train` runs every
    preset);
 3. its own config keys, if any, in config.py's SCHEMA (svm.c, svm.steps);

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
 
 from amfs_dist.config import Config
 
@@ -44,6 +45,20 @@ class Head(nn.Module):
         or [q, 1], a loss penalty added to the task's query loss)."""
         raise NotImplementedError
 
+    def support_loss(self, params: Params, encode: Encoder, xs: torch.Tensor, ys: torch.Tensor,
+                     ways: int) -> torch.Tensor:
+        """The loss test-time fine-tuning lowers (eval.finetune_steps; docs/algorithm.md,
+        "Test-time fine-tuning"), from the support set alone: by default leave-one-out, each
+        support example predicted by adapt_predict from the others, so that a 1-shot set (whose
+        left-out class has no other example) still gives a gradient."""
+        losses = []
+        for i in range(xs.shape[0]):  # the support size is static: a Python loop is vmap-safe
+            rest = [j for j in range(xs.shape[0]) if j != i]
+            out, _ = self.adapt_predict(params, encode, xs[rest], ys[rest], xs[i:i + 1], ways,
+                                        training=False)
+            losses.append(loss_and_accuracy(out, ys[i:i + 1], self.regression)[0])
+        return torch.stack(losses).mean()
+
 
 class FeatureHead(Head):
     """A head built from the support features alone (no gradient steps through the encoder):
@@ -59,6 +74,18 @@ class FeatureHead(Head):
                 ways: int, training: bool) -> Prediction:
         """params: the head's own (no prefix); zs [n, d], zq [q, d] features."""
         raise NotImplementedError
+
+    def support_loss(self, params, encode, xs, ys, ways):
+        """Leave-one-out as Head's, with the support encoded once (batch-norm statistics from
+        the whole support set) and each example predicted from the others' features."""
+        n = xs.shape[0]
+        z = at_least_float32(encode(params, xs, n))
+        rest = torch.tensor([[j for j in range(n) if j != i] for i in range(n)],
+                            dtype=torch.long, device=z.device)  # [n, n - 1]
+        with no_autocast(z.device):
+            out = vmap(lambda zs, y, zq: self.predict(own(params), zs, y, zq, ways, False)[0])(
+                z[rest], ys[rest], z[:, None])
+        return loss_and_accuracy(out[:, 0], ys, self.regression)[0]
 
     def targets(self, ys: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
         """One-hot [n, ways] support labels (the values themselves for regression)."""

@@ -25,22 +25,30 @@ class MAMLHead(Head):
         self.weight, self.bias = linear.weight, linear.bias
 
     def adapt_predict(self, params, encode, xs, ys, xq, ways, training):
+        self.check_ways(ways)
+
+        def loss(p, x, y):
+            return self.support_loss(p, encode, x, y, ways)
+
+        steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
+        fast = maml.adapt(loss, params, xs, ys, steps, self.cfg.maml.lr,
+                          first_order=self.first_order)
+        n_s = xs.shape[0]
+        return self.outputs(fast, encode, torch.cat([xs, xq]), n_s)[n_s:], 0.0
+
+    def support_loss(self, params, encode, xs, ys, ways):
+        """MAML's own inner-loop loss: the support set's, through the linear layer."""
+        self.check_ways(ways)
+        return loss_and_accuracy(self.outputs(params, encode, xs, None), ys, self.regression)[0]
+
+    def outputs(self, params, encode, x, n_stats):
+        h = encode(params, x, n_stats)
+        return at_least_float32(F.linear(h, params[PREFIX + "weight"], params[PREFIX + "bias"]))
+
+    def check_ways(self, ways):
         if not self.regression and ways != self.weight.shape[0]:
             raise UserError(f"data.ways: a MAML model has one output per class; this one was "
                             f"built for {self.weight.shape[0]} ways, not {ways}")
-
-        def outputs(p, x, n_stats):
-            h = encode(p, x, n_stats)
-            return at_least_float32(F.linear(h, p[PREFIX + "weight"], p[PREFIX + "bias"]))
-
-        def support_loss(p, x, y):
-            return loss_and_accuracy(outputs(p, x, None), y, self.regression)[0]
-
-        steps = self.cfg.maml.steps if training else self.cfg.maml.test_steps
-        fast = maml.adapt(support_loss, params, xs, ys, steps, self.cfg.maml.lr,
-                          first_order=self.first_order)
-        n_s = xs.shape[0]
-        return outputs(fast, torch.cat([xs, xq]), n_s)[n_s:], 0.0
 
 
 class FirstOrderMAMLHead(MAMLHead):
