@@ -75,7 +75,7 @@ IN_USE = [
     ("train-resume-if-exists", lambda t, r: ["train", "--out", r, "--resume-if-exists", *TINY,
                                              "train.steps=3"]),
     ("experiment", lambda t, r: ["experiment", "compare", "--config",
-                                 REPO / "experiments" / "compare.yaml", "--out", t / "new"]),
+                                 "compare", "--out", t / "new"]),
     ("tune", lambda t, r: ["tune", "--out", t / "new"]),
     ("data-prepare", lambda t, r: ["data", "prepare", "omniglot", "--src", t / "src", "--out",
                                    t / "new"]),
