@@ -357,3 +357,17 @@ def read_csv_rows(path: Path) -> list[dict]:
     import csv
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def signal_when_ready(cmd: list[str], log_path: Path, env: dict, ready, signum: int,
+                      timeout: float = 180, settle: float = 0.0):
+    """Start `cmd`, wait until `ready()` (then `settle` seconds more), send `signum`;
+    (returncode, output) once it exits, which must be within STOP_DEADLINE_S."""
+    proc = start_logged(cmd, log_path, env)
+    try:
+        wait_until_ready(proc, ready, log_path, timeout)
+        time.sleep(settle)
+        return stop_within_deadline(proc, signum, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -23,10 +23,8 @@ from helpers import (
     metrics,
     model_state,
     resume_to_the_end,
-    start_logged,
-    stop_within_deadline,
+    signal_when_ready,
     train_in_process,
-    wait_until_ready,
 )
 
 STEPS = 30
@@ -105,14 +103,9 @@ def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
     run, log = tmp_path / "run", tmp_path / "run.log"
     args = TINY + [f"train.steps={STEPS}", "train.val_every=2", f"train.val_episodes={ENDLESS}",
                    f"train.checkpoint_every={10 * STEPS}"]
-    proc = start_logged(CMD + ["--out", str(run)] + args, log, amfs_env())
-    try:
-        wait_until_ready(proc, lambda: len(logged_rows(run)) >= 1, log)
-        time.sleep(2)  # into step 2's validation
-        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, output = signal_when_ready(CMD + ["--out", str(run)] + args, log, amfs_env(),
+                                   lambda: len(logged_rows(run)) >= 1, signal.SIGTERM,
+                                   settle=2)  # into step 2's validation
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped by SIGTERM" in output and f"amfs train --resume {run}" in output, output
     assert "Traceback" not in output
@@ -125,14 +118,9 @@ def test_a_stop_signal_ends_a_validation_at_once(tmp_path):
 def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
     run, log, env = tmp_path / "run", tmp_path / "run.log", amfs_env()
     args = TINY + ["train.steps=3", f"eval.episodes={ENDLESS}"]
-    proc = start_logged(CMD + ["--out", str(run)] + args, log, env)
-    try:
-        wait_until_ready(proc, lambda: (run / "model.pt").exists(), log)  # written before the test
-        time.sleep(1)
-        rc, output = stop_within_deadline(proc, signal.SIGUSR1, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, output = signal_when_ready(CMD + ["--out", str(run)] + args, log, env,
+                                   lambda: (run / "model.pt").exists(),  # written before the test
+                                   signal.SIGUSR1, settle=1)
     assert rc == 128 + signal.SIGUSR1, output[-3000:]
     assert "stopped by SIGUSR1 during the final test" in output, output
     assert f"amfs train --resume {run}" in output and "Traceback" not in output, output
@@ -141,14 +129,9 @@ def test_a_stop_signal_ends_the_final_test_and_amfs_eval(tmp_path):
 
     # `amfs eval` of hours of episodes: SIGTERM ends it with one line
     log = tmp_path / "eval.log"
-    proc = start_logged([sys.executable, "-m", "amfs_dist", "eval", str(run), "--episodes",
-                   str(ENDLESS)], log, env)
-    try:
-        wait_until_ready(proc, lambda: "test episodes" in log.read_text(), log)  # its progress bar
-        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, output = signal_when_ready(
+        [sys.executable, "-m", "amfs_dist", "eval", str(run), "--episodes", str(ENDLESS)], log, env,
+        lambda: "test episodes" in log.read_text(), signal.SIGTERM)  # its progress bar
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     assert "amfs: stopped by SIGTERM" in output and "Traceback" not in output, output
 
@@ -193,14 +176,10 @@ def test_a_stop_signal_ends_a_wait_for_ray(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run, log = tmp_path / "run", tmp_path / "run.log"
-    proc = start_logged(CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log,
-                  amfs_env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600"))
-    try:
-        wait_until_ready(proc, lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), log)
-        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = amfs_env(RAY_ADDRESS=f"127.0.0.1:{port}", AMFS_RAY_CONNECT_TIMEOUT_S="600")
+    rc, output = signal_when_ready(
+        CMD + ["--out", str(run)] + TINY + ["dist.workers=1"], log, env,
+        lambda: "waiting up to 600 s for the Ray cluster" in log.read_text(), signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     assert "amfs: stopped by SIGTERM" in output and "Traceback" not in output, output
     assert not run.exists()

@@ -22,8 +22,7 @@ from helpers import (
     amfs_env,
     logged_rows,
     read_csv_rows,
-    start_logged,
-    stop_within_deadline,
+    signal_when_ready,
     wait_until_ready,
     write_sweep,
 )
@@ -43,14 +42,10 @@ def test_sigterm_stops_a_sweep_and_the_same_command_continues_it(tmp_path):
     out, log, env = tmp_path / "out", tmp_path / "tune.log", amfs_env()
     cmd = AMFS + ["tune", "--config", str(f), "--out", str(out), "--resume-if-exists",
                   "--allow-pickle", "--quiet"]
-    proc = start_logged(cmd, log, env)
-    try:
-        wait_until_ready(proc, lambda: any(p.name != "checkpoint_000000" for p in
-                                    (out / "tune").glob("trial_*/checkpoint_*")), log, 300)
-        rc, output = stop_within_deadline(proc, signal.SIGTERM, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, output = signal_when_ready(
+        cmd, log, env, lambda: any(p.name != "checkpoint_000000"
+                                   for p in (out / "tune").glob("trial_*/checkpoint_*")),
+        signal.SIGTERM, timeout=300)
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     _no_ray_abort(output)
     assert "sweep stopped by SIGTERM" in output, output[-3000:]
@@ -81,20 +76,16 @@ resources: {cpus: 1}
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_stop_signal_stops_an_experiment_and_its_cells_checkpoint(signum, tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text(EXPERIMENT)
     out, log = tmp_path / "out", tmp_path / "exp.log"
-    proc = start_logged(AMFS + ["experiment", "compare", "--config", str(f), "--out", str(out),
-                          "--quiet"], log, amfs_env())
     cells = out / "cells"
-    try:
-        wait_until_ready(proc, lambda: any(len(logged_rows(c)) >= 3 for c in cells.glob("*")), log, 300)
-        rc, output = stop_within_deadline(proc, signum, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc, output = signal_when_ready(
+        AMFS + ["experiment", "compare", "--config", str(f), "--out", str(out), "--quiet"], log,
+        amfs_env(), lambda: any(len(logged_rows(c)) >= 3 for c in cells.glob("*")), signum,
+        timeout=300)
     assert rc == 128 + signum, output[-3000:]
     _no_ray_abort(output)
     assert f"experiment stopped by {signal.Signals(signum).name}" in output, output[-3000:]

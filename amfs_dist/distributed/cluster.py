@@ -131,19 +131,56 @@ def start_private_ray(**init_kwargs) -> None:
     _reap_when_gone()
 
 
-# Reads stdin to its end (the driver has exited, however it died), then SIGKILLs every process
-# of the driver's raylet: they carry RAY_RAYLET_PID=<its pid> in their environment.
+# Waits for EOF on stdin (the driver has exited, however it died), then SIGKILLs the driver's
+# raylet's processes. While it waits it records, every second, the raylet's descendants (by
+# parent pid, with their start times, so a reused pid is never hit): once the raylet is gone
+# its agents are reparented and no longer say whose they were. Their environment
+# (RAY_RAYLET_PID) is read too, though setproctitle may have overwritten it.
 _REAPER = r'''
-import os, signal, sys
-sys.stdin.buffer.read()
-mark = b"RAY_RAYLET_PID=" + sys.argv[1].encode()
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if mark in f.read().split(b"\0"):
+import os, select, signal, sys, time
+raylet = sys.argv[1]
+mark = b"RAY_RAYLET_PID=" + raylet.encode()
+
+
+def stat(pid):  # (parent pid, start time) from /proc/PID/stat
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[1], fields[19]
+
+
+def pids():
+    return sorted(filter(str.isdigit, os.listdir("/proc")), key=int)
+
+
+known = {}  # pid -> start time of the raylet's descendants seen so far
+while True:
+    if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 65536):
+        break
+    family = {raylet}
+    for pid in pids():
+        try:
+            parent, started = stat(pid)
+        except OSError:
+            continue
+        if parent in family:
+            family.add(pid)
+            known[pid] = started
+deadline, quiet = time.monotonic() + 30, 0
+while quiet < 3 and time.monotonic() < deadline:
+    found = 0
+    for pid in pids():
+        try:
+            ours = known.get(pid) == stat(pid)[1]
+            if not ours:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    ours = mark in f.read().split(b"\0")
+            if ours:
                 os.kill(int(pid), signal.SIGKILL)
-    except OSError:
-        pass
+                found += 1
+        except OSError:
+            pass
+    quiet = 0 if found else quiet + 1
+    time.sleep(0.5)
 '''
 
 
