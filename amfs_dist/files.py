@@ -48,7 +48,7 @@ def atomic_write(path: str | Path, mode: str = "w", **open_options) -> Iterator[
             yield f
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the content
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -115,7 +115,15 @@ def describe_os_error(e: OSError) -> str:
     return f"{shorten(path)}: {meaning}" if path else meaning
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask. Linux tells it without changing it (os.umask can only set it, and
+    setting it even for an instant races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask

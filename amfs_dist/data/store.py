@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from amfs_dist.data.episodes import SPLITS, ImageSet
 from amfs_dist.errors import UserError
-from amfs_dist.files import cache_dir, write_json
+from amfs_dist.files import cache_dir, current_umask, write_json
 
 STORE_FORMAT = "amfs-image-store"
 STORE_VERSION = 1
@@ -121,18 +121,6 @@ def check_replaceable(out: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"--out {out} is not an amfs data store (no {MANIFEST_FILE} of "
                          f"format {STORE_FORMAT!r}); {refuse}")
-
-
-def _umask() -> int:
-    try:  # Linux tells it without changing it (os.umask can only set it)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def content_hash(data: ImageSet) -> str:
@@ -235,7 +223,7 @@ def write_store(out: str | Path, data: ImageSet, *, source: str, split_name: str
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, len(images)))
         write_json(tmp / MANIFEST_FILE, manifest)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; the files already honour it
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700; the files already honour it
         if out.exists():  # --force: move the old store aside only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
             os.rename(out, old / "store")
