@@ -1,14 +1,19 @@
-"""Where a step's per-task meta-gradients are computed, and how they become one update direction.
+"""The exchange: where a step's per-task meta-gradients are computed, and how they become one
+update direction (docs/scaling.md).
 
-A backend answers `direction(flat_params, step, task_ids, weigh)`: it computes the tasks'
-meta-gradients, drops tasks whose gradient is not finite, asks `weigh` for the weights of the
-rest (O-AMFS or the mean: the backend does not know which), and returns G = sum_i w_i g_i.
-InProcessBackend is dist.workers=0; the Ray backend (amfs_dist.distributed) spreads the same
-work over shard workers, each of which runs an InProcessBackend's `task_gradients`.
+Every exchange answers the same two calls, so the trainer has one step code path:
 
-An UpdateBackend (dist.exchange=collective) also owns the optimiser step: its workers hold
-replicas of the parameters and Adam state and update them themselves, so the trainer calls
-`step` instead of `direction` and moves the state in and out only with `load_state`/`state`.
+- `direction(flat_params, step, task_ids, weigh)`: compute the tasks' meta-gradients, drop
+  the tasks whose gradient is not finite, ask `weigh` for the weights of the rest (O-AMFS or
+  the mean: the exchange does not know which) and return G = sum_i w_i g_i;
+- `evaluate(learner, split, episodes, queries, batch)`: validation or test episodes, on the
+  devices the exchange computes on.
+
+InProcessBackend is dist.workers=0. amfs_dist.distributed has the others: exact and sketch
+on Ray actors with the trainer as the driver, and collective on Ray Train's worker group,
+where every rank runs the trainer and the exchange is torch.distributed calls among them.
+The pieces every exchange shares are here: the finite mask, the weights over the finite
+tasks as a full [T] vector, and putting round-robin shards back in task order.
 """
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ class StepResult:
     finite: torch.Tensor            # [T] bool
     weights: TaskWeights | None     # over the finite tasks
     timings: dict[str, float] = field(default_factory=dict)
-    updated: bool = False           # an UpdateBackend applied the step itself (no direction)
 
     @property
     def bad_tasks(self) -> int:
@@ -44,26 +48,15 @@ class StepResult:
 
     @property
     def skipped(self) -> bool:
-        return self.direction is None and not self.updated
+        return self.direction is None
 
 
-class GradientBackend(Protocol):
+class Exchange(Protocol):
     def direction(self, flat_params: torch.Tensor, step: int, task_ids: Sequence[int],
                   weigh: Weigh) -> StepResult: ...
 
-    def close(self) -> None: ...
-
-
-class UpdateBackend(Protocol):
-    """A backend whose workers hold the parameters and optimiser state and apply the update."""
-
-    owns_update: bool  # True
-
-    def step(self, step: int, task_ids: Sequence[int], weigh: Weigh) -> StepResult: ...
-
-    def load_state(self, state: dict) -> None: ...  # {"model", "optimizer", "step"}
-
-    def state(self) -> dict: ...
+    def evaluate(self, learner: MetaLearner, split: str, episodes: int, queries: int,
+                 batch: int, progress: bool = False) -> dict: ...
 
     def close(self) -> None: ...
 
@@ -112,6 +105,33 @@ def zero_bad_rows(rows: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return rows if bool(finite.all()) else torch.where(finite[:, None], rows, 0.0)
 
 
+def in_task_order(parts: Sequence[torch.Tensor], total: int) -> torch.Tensor:
+    """Round-robin shards back in task order: parts[k] holds tasks k, k + n, k + 2n, ... of n
+    shards (distributed.backend.shard); one copy into a [total, ...] tensor."""
+    n, like = len(parts), parts[0]
+    out = torch.empty((total, *like.shape[1:]), dtype=like.dtype, device=like.device)
+    for k, part in enumerate(parts):
+        out[k::n] = part
+    return out
+
+
+def finite_weights(finite: torch.Tensor, weigh: Weigh, vectors: torch.Tensor | None = None,
+                   gram: torch.Tensor | None = None) -> tuple[TaskWeights | None, torch.Tensor]:
+    """The weights of the finite tasks from their vectors (rows or sketches, [T, ...]) or from
+    the Gram matrix of all T rows, and the same weights as a full float32 [T] vector (0 for
+    the others); (None, zeros) when no task is finite (the step is skipped)."""
+    full = torch.zeros(len(finite), dtype=torch.float32)
+    if not bool(finite.any()):
+        return None, full
+    keep = finite.cpu()
+    if gram is not None:
+        weights = weigh(None, gram=finite_part(finite_part(gram, keep).T, keep))
+    else:
+        weights = weigh(finite_part(vectors, finite.to(vectors.device)))
+    full[keep] = weights.weights.detach().cpu().float()
+    return weights, full
+
+
 def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float],
                        block: int = 0) -> StepResult:
     """The exact exchange: weights from the full gradients of the finite tasks, then G.
@@ -121,16 +141,12 @@ def weighted_direction(tg: TaskGradients, weigh: Weigh, timings: dict[str, float
     workers do, so that both give the same bits whatever the worker count."""
     t0 = time.perf_counter()
     finite = finite_rows(tg)
-    weights = direction = None
-    if bool(finite.any()):
+    gram = block_gram(zero_bad_rows(tg.grads, finite), block) if block else None
+    weights, _ = finite_weights(finite, weigh, tg.grads, gram)
+    direction = None
+    if weights is not None:
         good = finite_part(tg.grads, finite)
-        if block:
-            gram = block_gram(zero_bad_rows(tg.grads, finite), block)
-            weights = weigh(None, gram=finite_part(finite_part(gram, finite).T, finite))
-            direction = combine(good, weights.weights.to(good.device), ordered=True)
-        else:
-            weights = weigh(good)
-            direction = combine(good, weights.weights.to(good.device))
+        direction = combine(good, weights.weights.to(good.device), ordered=bool(block))
     timings["weighting_s"] = timings.get("weighting_s", 0.0) + time.perf_counter() - t0
     return StepResult(direction, tg.loss, tg.acc, finite, weights, timings)
 
@@ -198,6 +214,11 @@ class InProcessBackend:
         tg, timings = self.task_gradients(flat_params, step, task_ids)
         timings["transfer_s"] = 0.0
         return weighted_direction(tg, weigh, timings, self.block)
+
+    def evaluate(self, learner, split, episodes, queries, batch, progress=False) -> dict:
+        from amfs_dist.evaluate import evaluate_episodes
+        return evaluate_episodes(learner, self.source, split, episodes, queries, batch,
+                                 progress=progress)
 
     def close(self) -> None:
         self.prefetcher.close()

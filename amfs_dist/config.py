@@ -155,9 +155,12 @@ SCHEMA: dict[str, Key] = {
     # seconds a replacement worker may wait for a node with room for it (a lost node's workers
     # wait for another node) before the run stops with its checkpoint
     "dist.replace_timeout_s": Key((float,), 60.0, _positive, "> 0"),
-    # elastic runs (exact, sketch): go on with at least this many workers when a lost one's
-    # replacement finds no room, and grow back between steps (0: dist.workers, not elastic)
+    # elastic runs: go on with at least this many workers when a lost one's replacement finds
+    # no room, and grow back when capacity returns (0: dist.workers, not elastic)
     "dist.min_workers": Key((int,), 0, _non_negative, ">= 0 (0: dist.workers)"),
+    # collective exchange: where Ray Train keeps its checkpoints ("": the run's ray-train/
+    # folder); every node must reach it when the ranks span nodes (shared disk, s3://, gs://)
+    "dist.storage_path": Key((str,), ""),
     "eval.episodes": Key((int,), 600, _at_least_one, ">= 1"),
     "eval.queries": Key((int,), 15, _at_least_one, ">= 1"),
     "eval.batch": Key((int,), 50, _at_least_one, ">= 1"),

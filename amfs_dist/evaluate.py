@@ -22,11 +22,26 @@ def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, q
     run with the same seed sees the same ones. Batch norm uses support-set statistics only.
     adapt_ms_per_task is the time of adaptation + query prediction, batched, per task.
     """
+    scores = score_batches(learner, source, split, episode_batches(episodes, batch), queries,
+                           params, progress)
+    return summarize([scores], episodes, learner.regression)
+
+
+def episode_batches(episodes: int, batch: int) -> list[list[int]]:
+    """The episode indices in batches of `batch`: the unit that shards evaluation over workers
+    (a batch is computed the same way whichever worker gets it, so the numbers do not depend
+    on the worker count)."""
+    return [list(range(first, min(first + batch, episodes))) for first in range(0, episodes, batch)]
+
+
+def score_batches(learner: MetaLearner, source, split: str, batches: list[list[int]],
+                  queries: int, params=None, progress: bool = False) -> dict:
+    """Per-episode scores of the given batches: {"values": [float64 tensor per batch] (accuracy,
+    or MSE for regression), "losses": [...], "adapt_s": seconds adapting and predicting}."""
     params = params if params is not None else learner.params()
     values, losses, adapt_s = [], [], 0.0
-    for first in tqdm(range(0, episodes, batch), desc=f"{split} episodes", unit="batch",
-                      disable=not progress, leave=False, dynamic_ncols=True):
-        ids = list(range(first, min(first + batch, episodes)))
+    for ids in tqdm(batches, desc=f"{split} episodes", unit="batch", disable=not progress,
+                    leave=False, dynamic_ncols=True):
         ep = source.sample(split, 0, ids, queries=queries)
         t0 = time.perf_counter()
         loss, acc = learner.evaluate(params, ep)
@@ -35,11 +50,22 @@ def evaluate_episodes(learner: MetaLearner, source, split: str, episodes: int, q
         adapt_s += time.perf_counter() - t0
         losses.append(loss.double().cpu())
         values.append((loss if learner.regression else acc).double().cpu())
-    v = torch.cat(values)
+    return {"values": values, "losses": losses, "adapt_s": adapt_s}
+
+
+def summarize(shards: list[dict], episodes: int, regression: bool) -> dict:
+    """The statistics of `episodes` episodes from the score_batches of round-robin shards of
+    their batches (shards[k] scored batches k, k + n, ...), put back in episode order."""
+    n = len(shards)
+    batches = sum(len(s["values"]) for s in shards)
+    order = [(b % n, b // n) for b in range(batches)]
+    v = torch.cat([shards[k]["values"][i] for k, i in order])
+    losses = torch.cat([shards[k]["losses"][i] for k, i in order])
     ci95 = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    out = {"episodes": episodes, "loss": float(torch.cat(losses).mean()),
+    adapt_s = sum(s["adapt_s"] for s in shards)
+    out = {"episodes": episodes, "loss": float(losses.mean()),
            "ci95": ci95, "adapt_ms_per_task": 1000.0 * adapt_s / episodes}
-    if learner.regression:
+    if regression:
         out.update(mse=float(v.mean()), accuracy=None)
     else:
         out.update(accuracy=float(v.mean()))

@@ -51,7 +51,8 @@ def train(cfg: Config, out: str | Path | None = None, *, start_or_continue: bool
     if not is_uri(out) and not (start_or_continue and (Path(out) / CONFIG).is_file()):
         check_new_run_dir(Path(out))  # refused before anything is built
     # bad data or model settings are refused before anything is written, the lock included
-    trainer = Trainer(cfg, Path(str(out)), loop.pop("backend", None))
+    trainer = Trainer(cfg, Path(str(out)), loop.pop("backend", None),
+                      source_factory=loop.pop("source_factory", None))
     try:
         with _owned(out, wait_for_lock) as (run_dir, remote):
             trainer.run_dir, trainer.remote = run_dir, remote
@@ -99,12 +100,11 @@ def _start(trainer: Trainer, loop: dict) -> dict:
     started = time.perf_counter()
     check_new_run_dir(trainer.run_dir)  # again, now that the directory is ours
     progress = loop.pop("progress", True)
-    _ = trainer.backend  # workers the cluster cannot hold are refused before any write
+    trainer.prepare()  # workers the cluster cannot hold are refused before any write
     make_run_dir(trainer.run_dir)
     save_config(trainer.cfg, trainer.run_dir / CONFIG)
-    trainer.fit(progress=progress, **loop)
-    trainer.close()
-    return _finish(trainer, started, progress)
+    trainer.fit(progress=progress, test=True, **loop)
+    return _finish(trainer, started, progress)  # the final test runs on the workers too
 
 
 def _resume(run_dir: Path, overrides: list[str] | None, loop: dict,
@@ -116,17 +116,18 @@ def _resume(run_dir: Path, overrides: list[str] | None, loop: dict,
     cfg = read_run_config(run_dir, overrides)
     _refuse_model_changes(run_dir, read_run_config(run_dir), cfg)
     if trainer is None:
-        trainer = Trainer(cfg, run_dir, loop.pop("backend", None))
+        trainer = Trainer(cfg, run_dir, loop.pop("backend", None),
+                          source_factory=loop.pop("source_factory", None))
         trainer.remote = remote
     progress = loop.pop("progress", True)
     try:
         trainer.load_checkpoint()  # a damaged or mismatching checkpoint, too
-        _ = trainer.backend
+        trainer.prepare()
         trainer.config_to_write = cfg  # written with the first checkpoint past the loaded one
-        trainer.fit(progress=progress, **loop)
+        trainer.fit(progress=progress, test=True, **loop)
+        return _finish(trainer, started, progress, resumed=True)
     finally:
         trainer.close()
-    return _finish(trainer, started, progress, resumed=True)
 
 
 def _finish(trainer: Trainer, started: float, progress: bool, **extra) -> dict:

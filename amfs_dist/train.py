@@ -1,11 +1,12 @@
 """Meta-training: the driver loop, checkpoints, validation and the final test (the run
 directory's life, start and resume, is lifecycle.py's).
 
-The driver owns the parameters and the optimiser; a backend (in-process or Ray shards)
-returns each step's update direction, or (dist.exchange=collective) applies the update on its
-workers' replicas, and the driver fetches the state only to checkpoint, validate and finish.
-Episodes depend on (seed, step, task id) only and the checkpoint holds everything else, so a
-resumed run ends where an uninterrupted one would.
+The trainer owns the parameters and the optimiser; an exchange (backend.py: in-process, or
+Ray shard workers with exact or sketch) returns each step's update direction, and the
+trainer applies it. With dist.exchange=collective the same trainer runs in every rank of Ray
+Train's worker group (distributed.raytrain), each with its replica, and the `amfs train`
+process only follows rank 0. Episodes depend on (seed, step, task id) only and the
+checkpoint holds everything else, so a resumed run ends where an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from amfs_dist.algorithms.learner import MetaLearner
 from amfs_dist.algorithms.outer import task_weights
 from amfs_dist.backend import (
-    GradientBackend,
+    Exchange,
     InProcessBackend,
     StepResult,
     apply_direction,
@@ -35,7 +36,6 @@ from amfs_dist.config import Config, save_config
 from amfs_dist.data import make_task_source
 from amfs_dist.data.conflict import corrupted_tasks
 from amfs_dist.errors import RunStopped, TrainingError, UserError  # TrainingError: re-exported
-from amfs_dist.evaluate import evaluate_episodes
 from amfs_dist.files import finite_or_none, torch_save, write_json, write_text
 from amfs_dist.runs import (
     CHECKPOINT,
@@ -51,20 +51,33 @@ from amfs_dist.stopping import STOP_SIGNALS, StopRequested, raise_on_stop, signa
 POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
 
 
-def make_backend(cfg: Config, learner: MetaLearner, source) -> GradientBackend:
-    if cfg.dist.workers == 0:
+def make_backend(cfg: Config, learner: MetaLearner, source, source_factory=None) -> Exchange:
+    """The exchange of this process: in-process, or the driver of Ray shard workers. On Ray
+    Train (on_ray_train) the ranks make their own, and this process evaluates in-process only
+    what it is asked outside their fit (a Tune trial's last validation)."""
+    if cfg.dist.workers == 0 or on_ray_train(cfg):
         return InProcessBackend(cfg, learner, source)
-    from amfs_dist.distributed import CollectiveBackend, RayBackend  # Ray only when asked for
-    return (CollectiveBackend if cfg.dist.exchange == "collective" else RayBackend)(cfg)
+    from amfs_dist.distributed import RayBackend  # Ray only when asked for
+    return RayBackend(cfg, source_factory)
+
+
+def on_ray_train(cfg: Config) -> bool:
+    """dist.exchange=collective with workers: the steps run in Ray Train's ranks."""
+    return cfg.dist.workers > 0 and cfg.dist.exchange == "collective"
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, backend: GradientBackend | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, backend: Exchange | None = None,
+                 device: str | torch.device | None = None,
+                 source_factory: Callable[[Config], object] | None = None):
+        """source_factory: cfg -> task source, for this process and every worker (fault
+        drills: distributed.faults); default data.make_task_source."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         set_deterministic(cfg)
         torch.manual_seed(cfg.seed)
-        self.source = make_task_source(cfg)
-        self.learner = MetaLearner(cfg, self.source.input_shape, resolve_device(cfg))
+        self.source_factory = source_factory
+        self.source = (source_factory or make_task_source)(cfg)
+        self.learner = MetaLearner(cfg, self.source.input_shape, device or resolve_device(cfg))
         self.optimizer = torch.optim.Adam(self.learner.params().values(), lr=cfg.train.lr)
         self.step = 0
         self.bad_streak = 0
@@ -74,8 +87,8 @@ class Trainer:
         self._updating = self._stop_now = False  # a second stop signal waits for the update
         self._validating = False  # a stop signal ends a validation at once
         self.remote = None  # a storage.RemoteRun when --out is a URI: run_dir is its local copy
-        self._synced_step = None  # an update-owning backend's replicas are at this step
-        self._pulled_step = None  # ... and this trainer's copy was fetched at this step
+        self.final_test: dict | None = None  # the test statistics the Ray Train ranks computed
+        self._ray_owner: bool | None = None  # prepare() connected this process to Ray
         self._checkpointed_step = None  # checkpoint.pt holds this step (None: not yet written)
         self._unwritable_step = None  # the step whose checkpoint could not be written
         # a resume's config: written only once the run has moved on under it, so that a
@@ -88,44 +101,51 @@ class Trainer:
         return self.remote.uri if self.remote else self.run_dir
 
     @property
-    def owns_update(self) -> bool:
-        return getattr(self.backend, "owns_update", False)
-
-    @property
-    def backend(self) -> GradientBackend:
+    def backend(self) -> Exchange:
         if self._backend is None:
-            self._backend = make_backend(self.cfg, self.learner, self.source)
+            self._backend = make_backend(self.cfg, self.learner, self.source,
+                                         self.source_factory)
         return self._backend
 
+    def use_backend(self, backend: Exchange) -> None:
+        self._backend = backend
+
+    def prepare(self) -> None:
+        """Start the workers (or, on Ray Train, join Ray and check that the workers fit), so
+        that a cluster that cannot hold them is refused before the run writes anything."""
+        if not on_ray_train(self.cfg):
+            _ = self.backend
+        elif self._ray_owner is None:
+            from amfs_dist.distributed.cluster import init_ray
+            from amfs_dist.distributed.raytrain import check_fits
+            self._ray_owner = init_ray(log_to_driver=True)
+            check_fits(self.cfg)
+
     # -- state -----------------------------------------------------------------------------------
-    def pull_state(self) -> None:
-        """Bring the parameters and Adam state back from an update-owning backend's replicas."""
-        if (self._backend is None or not self.owns_update or self._synced_step is None
-                or self._pulled_step == self.step):
-            return
-        state = self.backend.state()
+    def state_dict(self) -> dict:
+        """Everything a run continues from (checkpoint.pt); tensors on the CPU."""
+        cpu = lambda x: x.detach().cpu() if torch.is_tensor(x) else x
+        opt = self.optimizer.state_dict()
+        opt["state"] = {k: {n: cpu(v) for n, v in st.items()} for k, st in opt["state"].items()}
+        return {"step": self.step, "bad_streak": self.bad_streak,
+                "model": {k: cpu(v) for k, v in self.learner.module.state_dict().items()},
+                "optimizer": opt, "torch_rng": torch.get_rng_state(),
+                "input_shape": list(self.source.input_shape)}
+
+    def restore(self, state: dict) -> None:
+        """The state of state_dict() (a checkpoint already checked by load_checkpoint)."""
         self.learner.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._pulled_step = self.step
-
-    def _push_state(self) -> None:
-        if self._synced_step != self.step:
-            self.backend.load_state({"model": self.learner.module.state_dict(),
-                                     "optimizer": self.optimizer.state_dict(), "step": self.step})
-        self._synced_step = self.step
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.step, self.bad_streak = int(state["step"]), int(state["bad_streak"])
 
     def save_checkpoint(self) -> None:
         if self.step in (self._checkpointed_step, self._unwritable_step):
             return  # the file holds this step already (a failed resume changes nothing), or
             # writing it failed (a full disk): the error on its way out says so, once
-        self.pull_state()
         self.write_config()
         self._unwritable_step = self.step
-        torch_save({"step": self.step, "bad_streak": self.bad_streak,
-                      "model": self.learner.module.state_dict(),
-                      "optimizer": self.optimizer.state_dict(),
-                      "torch_rng": torch.get_rng_state(),
-                      "input_shape": list(self.source.input_shape)}, self.run_dir / CHECKPOINT)
+        torch_save(self.state_dict(), self.run_dir / CHECKPOINT)
         self._checkpointed_step, self._unwritable_step = self.step, None
         if self.remote is not None:
             self.remote.push()
@@ -155,7 +175,6 @@ class Trainer:
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
             raise UserError(f"{path}: not an amfs checkpoint for this run ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:200]})") from None
-        self._synced_step = self._pulled_step = None
         self._checkpointed_step = self.step
 
     # -- one step --------------------------------------------------------------------------------
@@ -166,13 +185,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         task_ids = list(range(self.cfg.train.meta_batch))
-        if self.owns_update:
-            self._push_state()
-            res = self.backend.step(self.step, task_ids, self.weigh)
-            self._synced_step = self.step + 1
-        else:
-            res = self.backend.direction(self.learner.flat_params(), self.step, task_ids,
-                                         self.weigh)
+        res = self.backend.direction(self.learner.flat_params(), self.step, task_ids, self.weigh)
         t1 = time.perf_counter()
         self._updating = True
         if res.direction is not None:
@@ -240,11 +253,22 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def evaluate(self, split: str, progress: bool = False) -> dict:
+        """Validation (train.val_episodes) or test (eval.episodes) episodes, on the devices
+        the exchange computes on (the shard workers' or the ranks', else this process's)."""
+        n = self.cfg.train.val_episodes if split == "val" else self.cfg.eval.episodes
+        return self.backend.evaluate(self.learner, split, n, self.cfg.eval.queries,
+                                     self.cfg.eval.batch, progress)
+
     def validate(self) -> dict:
-        t = self.cfg.train
-        self.pull_state()
-        return evaluate_episodes(self.learner, self.source, "val", t.val_episodes,
-                                 self.cfg.eval.queries, self.cfg.eval.batch)
+        return self.evaluate("val")
+
+    def stopped_message(self, waiting: bool = False) -> str:
+        name = signal_name(self.stop_signal) if self.stop_signal else "a stop"
+        where = (f"at step {self.step} while waiting for workers" if waiting
+                 else f"after step {self.step}")
+        return (f"stopped by {name} {where}; checkpoint saved: resume with "
+                f"`amfs train --resume {self.location}`")
 
     def _stoppable_validation(self) -> dict | None:
         """validate(); None when a stop signal ended it."""
@@ -257,15 +281,35 @@ class Trainer:
             self._validating = False
 
     def fit(self, progress: bool = True, on_step: Callable[[Trainer, dict], None] | None = None,
-            on_validation: Callable[[Trainer, dict], None] | None = None) -> None:
+            on_validation: Callable[[Trainer, dict], None] | None = None,
+            test: bool = False) -> None:
+        """The remaining steps. test: the run's final test follows (finish_run); on Ray Train
+        the ranks then run it before they go (final_test)."""
         t = self.cfg.train
         metrics = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics, self.step)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"{self.cfg.method_name} meta-train",
                    disable=not progress, dynamic_ncols=True)
-        _ = self.backend  # started before the handlers are set: ray.init sets its own
+
+        def record(log, row: dict) -> None:
+            """The step's row to metrics.jsonl, the progress bar and the callbacks."""
+            log.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
+            log.flush()
+            bar.n = row["step"]
+            if row["step"] % t.log_every == 0 or row["step"] == t.steps:
+                bar.set_postfix({k: f"{row[v]:.3f}" for k, v in POSTFIX.items()
+                                 if row.get(v) is not None}, refresh=False)
+            bar.refresh()
+            if on_validation and row.get("val_accuracy") is not None:
+                on_validation(self, row)
+            if on_step:
+                on_step(self, row)
+
+        self.prepare()  # before the handlers are set: ray.init sets its own
         try:
             with metrics.open("a") as log, self.stop_at_step_boundary():
+                if on_ray_train(self.cfg):
+                    self._fit_on_ray_train(metrics, log, record, test)
                 while self.step < t.steps:
                     res = self.train_step()
                     row = self.metrics_row(res)
@@ -273,10 +317,7 @@ class Trainer:
                         val = self._stoppable_validation()
                         if val is not None:
                             row["val_accuracy"], row["val_loss"] = val["accuracy"], val["loss"]
-                            if on_validation:
-                                on_validation(self, row)
-                    log.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
-                    log.flush()
+                    record(log, row)
                     if self.bad_streak >= t.max_bad_steps:
                         raise TrainingError(
                             f"{t.max_bad_steps} consecutive steps without a finite task gradient "
@@ -284,22 +325,12 @@ class Trainer:
                             f"{self.run_dir / CHECKPOINT}")
                     if self.step % t.checkpoint_every == 0:
                         self.save_checkpoint()
-                    bar.update(1)
-                    if self.step % t.log_every == 0 or self.step == t.steps:
-                        bar.set_postfix({k: f"{row[v]:.3f}" for k, v in POSTFIX.items()
-                                         if row.get(v) is not None})
-                    if on_step:
-                        on_step(self, row)
                     if self.stop_signal is not None:  # the last step's too: the test can wait
-                        name = signal_name(self.stop_signal)
-                        raise RunStopped(f"stopped by {name} after step {self.step}; checkpoint "
-                                         f"saved: resume with `amfs train --resume "
-                                         f"{self.location}`",
-                                         self.stop_signal)
+                        raise RunStopped(self.stopped_message(), self.stop_signal)
         except BaseException as e:
             try:
                 self.save_checkpoint()  # nothing done so far is lost: resume from here
-            except Exception as lost:  # no replica of an update-owning backend is left
+            except Exception as lost:
                 print(f"could not checkpoint step {self.step} ({lost}); the last checkpoint "
                       f"is kept", file=sys.stderr)
             if isinstance(e, KeyboardInterrupt):
@@ -310,10 +341,43 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
 
+    def _fit_on_ray_train(self, metrics: Path, log, record, test: bool) -> None:
+        """The steps on Ray Train's ranks (distributed.raytrain); this process writes their
+        rows and checkpoints. A row for a step already written (the ranks restarted from
+        their last checkpoint, after a failure or a resize) replaces the rows from there on."""
+        from amfs_dist.distributed import raytrain
+        last, logs = [self.step], [log]
+
+        def on_row(row: dict) -> None:
+            if row["step"] <= last[0]:
+                logs[0].flush()
+                _truncate_metrics(metrics, row["step"] - 1)  # a new file: write to it
+                if logs[0] is not log:
+                    logs[0].close()
+                logs[0] = metrics.open("a")
+                print(f"steps {row['step']}..{last[0]} are recomputed: the workers restarted "
+                      f"from their checkpoint at step {row['step'] - 1}", file=sys.stderr)
+            last[0] = row["step"]
+            record(logs[0], row)
+
+        def on_checkpoint(step: int) -> None:
+            self.save_checkpoint()
+
+        try:
+            self.final_test = raytrain.fit(self, on_row, on_checkpoint, test)
+        finally:
+            if logs[0] is not log:
+                logs[0].close()
+
     def close(self) -> None:
         if self._backend is not None and not self._closed:
             self._backend.close()
         self._closed = True
+        if self._ray_owner:
+            import ray
+            if ray.is_initialized():
+                ray.shutdown()
+            self._ray_owner = False
 
 
 def _conflict_metrics(cfg: Config, step: int, finite: torch.Tensor, weights: list | None) -> dict:
@@ -354,8 +418,7 @@ def finish_run(trainer: Trainer, started: float, progress: bool = False, **extra
     trainer.write_config()
     torch_save({"model": trainer.learner.module.state_dict(),
                 "input_shape": list(trainer.source.input_shape)}, run_dir / MODEL)
-    test = evaluate_episodes(trainer.learner, trainer.source, "test", cfg.eval.episodes,
-                             cfg.eval.queries, cfg.eval.batch, progress=progress)
+    test = trainer.final_test or trainer.evaluate("test", progress)
     result = {"method": cfg.method_name, "inner": cfg.inner_loop, "outer": cfg.outer_weighting,
               "data_source": cfg.data.source, "ways": cfg.data.ways, "shots": cfg.data.shots,
               "test_accuracy": test["accuracy"], "test_ci95": test["ci95"],

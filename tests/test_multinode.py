@@ -20,7 +20,7 @@ import torch
 
 import netns
 from amfs_dist.cli import main as amfs
-from amfs_dist.distributed.collective import CollectiveWorker, route_to
+from amfs_dist.distributed.collective import advertise_route_to, route_to
 from amfs_dist.train import CHECKPOINT
 from conftest import TINY
 
@@ -36,7 +36,7 @@ from amfs_dist.cli import main
 rc = main(sys.argv[1:])
 ray.init(log_to_driver=False)
 workers = [a for a in state.actors().values()
-           if a["ActorClassName"].endswith(("ShardWorker", "CollectiveWorker"))]
+           if a["ActorClassName"].endswith(("ShardWorker", "RayTrainWorker"))]
 job = max((a["JobID"] for a in workers), default=None)
 print(json.dumps({"rc": rc, "ips": sorted(a["Address"]["IPAddress"] for a in workers
                                           if a["JobID"] == job)}))
@@ -106,9 +106,7 @@ def test_the_users_socket_interface_wins(monkeypatch, user_set):
         monkeypatch.delenv(key, raising=False)
     for key, value in user_set.items():
         monkeypatch.setenv(key, value)
-    worker = CollectiveWorker.__new__(CollectiveWorker)  # its group settings only: no model
-    worker.index, worker._user_ifnames = 0, set(user_set)
-    worker._advertise_route_to("127.0.0.1", 29500)
+    assert advertise_route_to("127.0.0.1", 29500, list(user_set)) == "127.0.0.1"
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         assert os.environ[key] == user_set.get(key, "lo")
 

@@ -232,7 +232,7 @@ def exchange(base: Config, args) -> list[dict]:
 
 def grid(base: Config, args) -> list[dict]:
     """Whole trainer steps for every backbone x worker count x exchange."""
-    from amfs_dist.train import Trainer
+    from amfs_dist.train import Trainer, on_ray_train
 
     rows = []
     workers = _ints(args.grid_workers)
@@ -248,6 +248,11 @@ def grid(base: Config, args) -> list[dict]:
                     over["dist.sketch_dim"] = args.sketch_dim
                 cfg = base.replace(**over)
                 with tempfile.TemporaryDirectory() as tmp:
+                    if on_ray_train(cfg):
+                        trainer, sums = _ray_train_steps(cfg, tmp, args.grid_warmup,
+                                                         args.grid_steps)
+                        rows.append(_grid_row(name, cfg, trainer, sums, args.grid_steps))
+                        continue
                     trainer = Trainer(cfg, tmp)
                     try:
                         for _ in range(args.grid_warmup):
@@ -260,17 +265,42 @@ def grid(base: Config, args) -> list[dict]:
                                 sums[k] += res.timings.get(k, 0.0)
                     finally:
                         trainer.close()
-                n = args.grid_steps
-                rows.append({"bench": "distributed", "part": "grid", "exchange": name,
-                             "backbone": backbone, "params": trainer.learner.layout.size,
-                             "workers": w, "meta_batch": cfg.train.meta_batch,
-                             "queries": cfg.data.queries, "steps": n,
-                             "sketch_dim": cfg.dist.sketch_dim if "sketch" in name else None,
-                             "tasks_per_s": round(cfg.train.meta_batch * n / sums["step_s"], 3),
-                             "driver_bytes": int(sums["exchange_bytes"] // n),
-                             "worker_bytes": int(sums["worker_bytes"] // n),
-                             **{k: round(sums[k] / n, 4) for k in ("step_s",) + GRID_KEYS}})
+                rows.append(_grid_row(name, cfg, trainer, sums, args.grid_steps))
     return rows
+
+
+def _ray_train_steps(cfg: Config, tmp: str, warmup: int, steps: int):
+    """dist.exchange=collective: a whole fit on Ray Train (its ranks run the steps); the
+    timings of the steps after the warm-up, from rank 0's metrics rows."""
+    from pathlib import Path
+
+    from amfs_dist.runs import read_metrics
+    from amfs_dist.train import Trainer
+    total = warmup + steps
+    cfg = cfg.replace(**{"train.steps": total, "train.checkpoint_every": total,
+                         "eval.episodes": 1})
+    trainer = Trainer(cfg, tmp)
+    try:
+        trainer.fit(progress=False)
+    finally:
+        trainer.close()
+    sums = dict.fromkeys(GRID_KEYS + ("step_s", "exchange_bytes", "worker_bytes"), 0.0)
+    for row in read_metrics(Path(tmp) / "metrics.jsonl")[warmup:]:
+        for k in sums:
+            sums[k] += row.get(k) or 0.0
+    return trainer, sums
+
+
+def _grid_row(name: str, cfg: Config, trainer, sums: dict, n: int) -> dict:
+    return {"bench": "distributed", "part": "grid", "exchange": name,
+            "backbone": cfg.backbone, "params": trainer.learner.layout.size,
+            "workers": cfg.dist.workers, "meta_batch": cfg.train.meta_batch,
+            "queries": cfg.data.queries, "steps": n,
+            "sketch_dim": cfg.dist.sketch_dim if "sketch" in name else None,
+            "tasks_per_s": round(cfg.train.meta_batch * n / sums["step_s"], 3),
+            "driver_bytes": int(sums["exchange_bytes"] // n),
+            "worker_bytes": int(sums["worker_bytes"] // n),
+            **{k: round(sums[k] / n, 4) for k in ("step_s",) + GRID_KEYS}}
 
 
 def deterministic(base: Config, steps: int, threads: int) -> dict:

@@ -31,14 +31,20 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from amfs_dist.algorithms.learner import TaskGradients
-from amfs_dist.backend import StepResult, Weigh, deterministic_block, weighted_direction
+from amfs_dist.backend import (
+    StepResult,
+    Weigh,
+    deterministic_block,
+    finite_weights,
+    in_task_order,
+    weighted_direction,
+)
 from amfs_dist.config import Config
 from amfs_dist.distributed.raycompat import actor_placed
-from amfs_dist.distributed.worker import ShardWorker
+from amfs_dist.distributed.worker import ShardWorker, _as_tensor
 from amfs_dist.errors import UserError, WorkerFailedError
 
 log = logging.getLogger("amfs_dist.distributed")
@@ -88,7 +94,6 @@ class _Shrunk(Exception):
 class RayBackend:
     worker_class = ShardWorker
     waiting_for_workers = False
-    elastic_exchange = True  # the run may go on with fewer workers (dist.min_workers)
 
     def __init__(self, cfg: Config, source_factory: Callable | None = None):
         import ray
@@ -102,10 +107,6 @@ class RayBackend:
         if min_workers(cfg) > cfg.dist.workers:
             raise UserError(f"dist.min_workers={cfg.dist.min_workers} is more than "
                             f"dist.workers={cfg.dist.workers}")
-        if min_workers(cfg) < cfg.dist.workers and not self.elastic_exchange:
-            raise UserError(f"dist.min_workers={cfg.dist.min_workers}: dist.exchange="
-                            f"{cfg.dist.exchange} runs with dist.workers workers only; elastic "
-                            f"runs use dist.exchange=exact or sketch")
         self.cfg = cfg
         self.num_workers = cfg.dist.workers
         self.min_workers = min_workers(cfg)
@@ -303,6 +304,14 @@ class RayBackend:
         return {w: (k, ids) for k, (w, ids) in enumerate(zip(live, shard(task_ids, len(live))))
                 if ids}
 
+    def _in_order(self, out: dict, field: int, total: int) -> torch.Tensor:
+        """Field `field` of the live workers' answers, back in task order (a worker without
+        tasks, when there are more workers than tasks, holds an empty shard)."""
+        answers = [out.get(w) for w in self.live()]
+        like = _as_tensor(next(a for a in answers if a is not None)[field])
+        return in_task_order([like[:0] if a is None else _as_tensor(a[field]) for a in answers],
+                             total)
+
     def _exact_direction(self, flat_params, step, task_ids, weigh) -> StepResult:
         t0 = time.perf_counter()
         params_ref, params_bytes = self._put_params(flat_params)
@@ -310,21 +319,14 @@ class RayBackend:
         out = self._gather({w: (lambda w=w, ids=ids, p=params_ref: self.workers[w].gradients.remote(
             p, step, ids)) for w, (_, ids) in active.items()},
             what=f"gradients step {step}")
-        T, W = len(task_ids), len(self.live())
-        grads = torch.empty(T, self.num_params, dtype=torch.float32)
-        loss, acc = torch.empty(T, dtype=torch.float32), torch.empty(T, dtype=torch.float32)
-        g_np, l_np, a_np = grads.numpy(), loss.numpy(), acc.numpy()
-        moved = params_bytes * len(active)
-        for w, (g, l, a, _) in out.items():
-            k = active[w][0]
-            g_np[k::W], l_np[k::W], a_np[k::W] = g, l, a
-            moved += g.nbytes + l.nbytes + a.nbytes
-        worker_timings = [t for (_, _, _, t) in out.values()]
-        worker_bytes = params_bytes + max(g.nbytes + l.nbytes + a.nbytes for g, l, a, _ in out.values())
+        T = len(task_ids)
+        grads, loss, acc = (self._in_order(out, f, T) for f in range(3))
+        shipped = [sum(a.nbytes for a in o[:3]) for o in out.values()]
+        worker_timings = [o[3] for o in out.values()]
         del out, params_ref
         timings = self._timings(time.perf_counter() - t0, [worker_timings])
-        timings["exchange_bytes"] = moved
-        timings["worker_bytes"] = worker_bytes
+        timings["exchange_bytes"] = params_bytes * len(active) + sum(shipped)
+        timings["worker_bytes"] = params_bytes + max(shipped)
         return weighted_direction(TaskGradients(grads, loss, acc), weigh, timings,
                                   deterministic_block(self.cfg))
 
@@ -338,26 +340,16 @@ class RayBackend:
             p, step, ids, round_id)) for w, (_, ids) in active.items()},
             what=f"sketches step {step}")
         T, W, d = len(task_ids), len(self.live()), self.cfg.dist.sketch_dim
-        sketches = np.empty((T, d), np.float32)
-        loss, acc = np.empty(T, np.float32), np.empty(T, np.float32)
-        finite = np.empty(T, bool)
-        moved = params_bytes * len(active)
-        for w, (s, l, a, f, _) in out.items():
-            k = active[w][0]
-            sketches[k::W], loss[k::W], acc[k::W], finite[k::W] = s, l, a, f
-            moved += s.nbytes + l.nbytes + a.nbytes + f.nbytes
-        phase1 = [t for (*_, t) in out.values()]
+        sketches, loss, acc, finite = (self._in_order(out, f, T) for f in range(4))
+        moved = params_bytes * len(active) + sum(sum(a.nbytes for a in o[:4]) for o in out.values())
+        phase1 = [o[4] for o in out.values()]
         del out
         gather1 = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        finite &= np.isfinite(sketches).all(1)
-        finite_t = torch.from_numpy(finite)
-        weights = None
-        full = np.zeros(T, np.float64)
-        if finite.any():
-            weights = weigh(torch.from_numpy(sketches[finite]))
-            full[finite] = weights.weights.detach().cpu().double().numpy()
+        finite = finite & torch.isfinite(sketches).all(1)
+        weights, full = finite_weights(finite, weigh, sketches)
+        full_np = full.numpy()
         weighting = time.perf_counter() - t1
 
         direction = None
@@ -365,14 +357,13 @@ class RayBackend:
         t2 = time.perf_counter()
         if weights is not None:
             sums = self._gather({w: (lambda w=w, k=k, ids=ids, p=params_ref: self.workers[w].weighted_sum.remote(
-                [p], step, ids, round_id, full[k::W])) for w, (k, ids) in active.items()},
+                [p], step, ids, round_id, full_np[k::W])) for w, (k, ids) in active.items()},
                 what=f"weighted sums step {step}")
             direction = torch.zeros(self.num_params, dtype=torch.float32)
-            direction_np = direction.numpy()
             for w in sorted(sums):  # a fixed order: the same sum whatever finishes first
                 total, t = sums[w]
-                np.add(direction_np, total, out=direction_np)
-                moved += full[active[w][0]::W].nbytes + total.nbytes
+                direction += _as_tensor(total)
+                moved += full_np[active[w][0]::W].nbytes + total.nbytes
                 phase2.append(t)
             del sums
         gather2 = time.perf_counter() - t2
@@ -383,8 +374,24 @@ class RayBackend:
         # a worker: the parameters in, its sketches out, then its weights in and one sum out
         timings["worker_bytes"] = (params_bytes + max(len(ids) for _, ids in active.values())
                                    * (4 * d + 17) + (4 * self.num_params if weights is not None else 0))
-        return StepResult(direction, torch.from_numpy(loss), torch.from_numpy(acc), finite_t,
-                          weights, timings)
+        return StepResult(direction, loss, acc, finite, weights, timings)
+
+    def evaluate(self, learner, split, episodes, queries, batch, progress=False) -> dict:
+        """Validation or test episodes on the workers' devices: their batches round robin over
+        the live workers (evaluate.episode_batches: the numbers do not depend on how many)."""
+        from amfs_dist.evaluate import episode_batches, summarize
+        params_ref, _ = self._put_params(learner.flat_params())
+        batches = episode_batches(episodes, batch)
+        while True:
+            live = self.live()
+            shards = {w: batches[k::len(live)] for k, w in enumerate(live)}
+            calls = {w: (lambda w=w, b=b: self.workers[w].evaluate.remote(
+                params_ref, split, b, queries)) for w, b in shards.items()}
+            try:
+                out = self._gather(calls, what=f"{split} episodes", work=False)
+            except _Shrunk:
+                continue
+            return summarize([out[w] for w in live], episodes, learner.regression)
 
     def _timings(self, gather_s: float, rounds: list[list[dict]]) -> dict[str, float]:
         """sampling (drawing the episodes, in the background), sampling_wait (the part the step

@@ -105,6 +105,13 @@ class ShardWorker:
                 "node_id": ctx.get_node_id() if ctx else None,
                 "ip": ray.util.get_node_ip_address() if ctx else None}
 
+    def evaluate(self, flat_params, split: str, batches: list[list[int]], queries: int) -> dict:
+        """evaluate.score_batches of these episode batches, with the given parameters."""
+        from amfs_dist.evaluate import score_batches
+        learner = self.backend.learner
+        return score_batches(learner, self.backend.source, split, batches, queries,
+                             params=learner.load_flat(_as_tensor(flat_params)))
+
     # -- exact exchange ------------------------------------------------------------------------
     def gradients(self, flat_params, step: int, task_ids: list[int]):
         """(grads [t, P] float32, loss [t], acc [t], timings) for this shard's tasks."""
