@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
-PREFIX = "amfsmn"
+# two test sessions on one machine (a developer's and CI's) must not share namespaces: the
+# names are the only thing they could collide on (each set of namespaces is its own network)
+PREFIX = os.environ.get("AMFS_TEST_NETNS_PREFIX", "amfsmn")
 RAY_PORT = 6379  # free: each node namespace has its own ports
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -73,7 +73,7 @@ def train_across(nodes: netns.Nodes, run, *extra: str) -> dict:
     done = nodes.run(1, [sys.executable, "-c", DRIVER, "train", "--no-progress", "--out",
                          str(run), *RUN, *extra], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
 @pytest.mark.slow
@@ -82,7 +82,7 @@ def train_across(nodes: netns.Nodes, run, *extra: str) -> dict:
 def test_two_workers_on_two_nodes(nodes, in_process, tmp_path, exchange, hostname_is):
     nodes.set_hosts(loopback=hostname_is == "loopback")
     result = train_across(nodes, tmp_path, "dist.workers=2", f"dist.exchange={exchange}")
-    assert result["rc"] == 0
+    assert result["rc"] == 0, result["stderr"][-4000:]
     assert result["ips"] == [nodes.address(1), nodes.address(2)]  # one worker on each node
     params = model(tmp_path)
     if exchange == "sketch":  # weights from sketches: not the in-process numbers
