@@ -62,10 +62,14 @@ def resource_key(default: float, most: int, positive: bool = False) -> Key:
 
 def placement_bundles(cpus: float, gpus: float, dist) -> list[dict[str, float]]:
     """A training driver's placement group (a Tune trial, an experiment cell): its own bundle,
-    then one per distributed worker (dist.cpus_per_worker / gpus_per_worker)."""
+    then one per distributed worker (dist.cpus_per_worker / gpus_per_worker). The collective
+    exchange's workers are Ray Train's, in a placement group Ray Train makes: its driver's
+    bundle only."""
     driver = {"CPU": float(cpus)}
     if gpus:
         driver["GPU"] = float(gpus)
+    if dist.exchange == "collective":
+        return [driver]
     worker = {"CPU": float(dist.cpus_per_worker)}
     if dist.gpus_per_worker:
         worker["GPU"] = float(dist.gpus_per_worker)

@@ -208,14 +208,17 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(nodes, tmp_pa
 
 
 @pytest.mark.ray
-def test_an_elastic_run_starts_with_the_workers_that_fit(ray_session, tmp_path):
-    """3 workers of 1 CPU on a 2-CPU cluster, dist.min_workers=2: the run starts with two once
-    dist.replace_timeout_s has passed, and logs it per step."""
+@pytest.mark.parametrize("exchange", ["exact", "collective"])
+def test_an_elastic_run_starts_with_the_workers_that_fit(ray_session, tmp_path, exchange):
+    """3 workers of 1 CPU on a 2-CPU cluster, dist.min_workers=2: the run starts with two (the
+    exact exchange once dist.replace_timeout_s has passed; Ray Train's elastic scaling at
+    once), and logs it per step."""
     from amfs_dist import lifecycle
     from amfs_dist.config import load_config
 
     cfg = load_config(None, RUN + ["dist.workers=3", "dist.min_workers=2",
-                                   "dist.replace_timeout_s=2", "dist.cpus_per_worker=1"])
+                                   "dist.replace_timeout_s=2", "dist.cpus_per_worker=1",
+                                   f"dist.exchange={exchange}"])
     lifecycle.train(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["workers"] for r in rows] == [2, 2]

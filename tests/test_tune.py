@@ -264,20 +264,25 @@ def test_interrupted_sweep_resumes_trials_from_their_checkpoints(ray_session, tm
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_distributed_trial_runs_its_workers_inside_its_placement_group(ray_session, tmp_path):
-    # The session cluster has 2 CPUs and 2 GPUs; the trial's group takes all of them: the driver
-    # bundle (1 CPU) and 2 worker bundles (0.5 CPU + 1 GPU). The shard workers the driver starts
-    # can only be scheduled inside that group, so the trial finishing shows they were placed in
-    # it. (A watchdog interrupts the sweep if they never start.) 5 steps with a validation every
-    # 2: the trial reports at steps 2 and 4, then once more at its end.
+@pytest.mark.parametrize("exchange", ["exact", "collective"])
+def test_distributed_trial_runs_its_workers_inside_its_placement_group(ray_session, tmp_path,
+                                                                       exchange):
+    # The session cluster has 2 CPUs and 2 GPUs. exact: the trial's group takes all of them:
+    # the driver bundle (1 CPU) and 2 worker bundles (0.5 CPU + 1 GPU); the shard workers the
+    # driver starts can only be scheduled inside that group, so the trial finishing shows they
+    # were placed in it. collective: the trial's group is its driver's bundle, and Ray Train
+    # places its 2 ranks (0.5 CPU each) in a group of its own. (A watchdog interrupts the sweep
+    # if they never start.) 5 steps with a validation every 2: the trial reports at steps 2
+    # and 4, then once more at its end.
+    gpus = 1 if exchange == "exact" else 0
     f = write_sweep(tmp_path / "sweep.yaml", num_samples=1, max_concurrent_trials=1,
                     base={"train.steps": 5, "dist.workers": 2, "dist.cpus_per_worker": 0.5,
-                          "dist.gpus_per_worker": 1})
+                          "dist.gpus_per_worker": gpus, "dist.exchange": exchange})
     out = tmp_path / "out"
     done = threading.Event()
 
     def watchdog():
-        if not done.wait(150):
+        if not done.wait(300):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=watchdog, daemon=True).start()
