@@ -162,9 +162,9 @@ SCHEMA: dict[str, Key] = {
     # elastic runs: go on with at least this many workers when a lost one's replacement finds
     # no room, and grow back when capacity returns (0: dist.workers, not elastic)
     "dist.min_workers": Key((int,), 0, _non_negative, ">= 0 (0: dist.workers)"),
-    # collective exchange: where Ray Train keeps its checkpoints ("": the run's ray-train/
+    # collective exchange: where Ray Train keeps its checkpoints (null: the run's ray-train/
     # folder); every node must reach it when the ranks span nodes (shared disk, s3://, gs://)
-    "dist.storage_path": Key((str,), ""),
+    "dist.storage_path": Key((str,), None, nullable=True),
     "eval.episodes": Key((int,), 600, _at_least_one, ">= 1"),
     "eval.queries": Key((int,), 15, _at_least_one, ">= 1"),
     "eval.batch": Key((int,), 50, _at_least_one, ">= 1"),

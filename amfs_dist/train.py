@@ -48,7 +48,8 @@ from amfs_dist.runs import (
 )
 from amfs_dist.stopping import STOP_SIGNALS, StopRequested, raise_on_stop, signal_name
 
-POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy"}  # progress bar: label -> metric
+# progress bar: label -> metric (workers: how many computed the step, on Ray)
+POSTFIX = {"loss": "loss", "acc": "acc", "val": "val_accuracy", "workers": "workers"}
 
 
 def make_backend(cfg: Config, learner: MetaLearner, source, source_factory=None) -> Exchange:
@@ -297,8 +298,9 @@ class Trainer:
             log.flush()
             bar.n = row["step"]
             if row["step"] % t.log_every == 0 or row["step"] == t.steps:
-                bar.set_postfix({k: f"{row[v]:.3f}" for k, v in POSTFIX.items()
-                                 if row.get(v) is not None}, refresh=False)
+                bar.set_postfix({k: f"{row[v]}" if isinstance(row[v], int) else f"{row[v]:.3f}"
+                                 for k, v in POSTFIX.items() if row.get(v) is not None},
+                                refresh=False)
             bar.refresh()
             if on_validation and row.get("val_accuracy") is not None:
                 on_validation(self, row)

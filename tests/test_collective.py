@@ -229,3 +229,18 @@ def test_deterministic_is_bitwise_the_same_for_any_worker_count_and_exchange(ray
             assert torch.equal(value, other[key]), f"{name}: {key} differs"
     initial = fit(cfg_of("train.steps=0"), tmp_path / "init").params
     assert not torch.equal(base["head.scale"], initial["head.scale"])  # it did train
+
+
+@pytest.mark.ray
+def test_collective_run_without_finite_gradients_stops_once_with_a_checkpoint(ray_session,
+                                                                             tmp_path):
+    """Every task NaN from step 2 on, train.max_bad_steps=2: rank 0 says so once (Ray Train
+    does not restart the group for it), the run stops with the checkpoint of step 3."""
+    from amfs_dist.errors import TrainingError
+    cfg = cfg_of("dist.workers=2", *COLLECTIVE, "train.max_bad_steps=2", "train.steps=6")
+    with pytest.raises(TrainingError, match=r"2 consecutive steps without a finite task "
+                                            r"gradient \(train.max_bad_steps\) at step 3"):
+        lifecycle.train(cfg, tmp_path, progress=False,
+                        source_factory=faulty_source_factory(nan_steps=range(1, 6)))
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
+    assert [r["skipped"] for r in metrics(tmp_path)] == [False, True, True]

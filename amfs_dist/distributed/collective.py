@@ -111,6 +111,9 @@ class CollectiveExchange:
         self.by_shares = cfg.dist.weights_from == "exact" or cfg.train.deterministic
         self.bounds = shares(self.num_params, cfg.dist.block_size, self.world)
         self._sketch: CountSketch | None = None
+        # rank 0 sets it to stop the run after this step; the weights' broadcast carries it to
+        # every rank (no collective call of its own), where it reads the same after the step
+        self.stop = False
 
     @property
     def source(self):
@@ -156,28 +159,33 @@ class CollectiveExchange:
         # rank 0 weighs and broadcasts the T weights
         t2 = time.perf_counter()
         weights, full = None, torch.zeros(T, dtype=torch.float32)
+        gram_bytes = 0
         if sketch:
             vectors = everyone[:, 3:]
             finite &= torch.isfinite(vectors).all(1)
             if me == 0:
                 weights, full = finite_weights(finite, weigh, vectors)
         else:
-            gram, moved, gram_comm = self._gram(rows, T)
-            sent, comm = sent + moved, comm + gram_comm
+            gram, gram_bytes, gram_comm = self._gram(rows, T)
+            sent, comm = sent + gram_bytes, comm + gram_comm
             if me == 0:
                 weights, full = finite_weights(finite, weigh, gram=gram.cpu())
         weighting = time.perf_counter() - t2
         t3 = time.perf_counter()
-        full = full.to(self.device)
+        message = torch.cat([full, torch.tensor([float(self.stop)])]).to(self.device)
         if W > 1:
-            tdist.broadcast(full, 0)
+            tdist.broadcast(message, 0)
+        full, self.stop = message[:T], bool(message[T] > 0)
         comm += time.perf_counter() - t3
         direction = None
         if bool(finite.any()):
             direction, moved, assemble = self._assemble(rows, full, finite)
             sent, comm = sent + moved, comm + assemble
+        # exchange_bytes: what reaches rank 0 for the weights and leaves it with them, as the
+        # driver's traffic of the other exchanges (the rest is worker_bytes, the busiest rank's)
+        driver = (W - 1) * widest * per_task.shape[1] * 4 + (W - 1) * (T + 1) * 4 + gram_bytes
         timings.update(weighting_s=weighting, collective_s=comm, worker_bytes=sent,
-                       exchange_bytes=sent * W, transfer_s=comm, workers=W)
+                       exchange_bytes=driver, transfer_s=comm, workers=W)
         return StepResult(direction, loss, acc, finite, weights, timings)
 
     def _sketcher(self) -> CountSketch:

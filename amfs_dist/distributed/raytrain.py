@@ -37,7 +37,8 @@ log = logging.getLogger("amfs_dist.distributed")
 
 POLL_S = 0.5          # how often this process reads the channel
 START_GRACE_S = 300.0  # added to the first step's bound: workers import torch, load data
-STATE = "checkpoint.pt"
+STATE = "checkpoint.pt"  # in a Ray Train checkpoint
+CHECKPOINT_NAME = "checkpoint.pt"  # in the run
 STOP_WAIT_S = 30.0    # a stop waits this long at most for the ranks' checkpoint ...
 IDLE_S = 10.0         # ... and not at all when no step has ended for this long (no worker runs)
 
@@ -102,7 +103,6 @@ def _advertise(host: str) -> None:
 def _rank_loop(config: dict) -> None:
     import ray
     import ray.train
-    import torch.distributed as tdist
 
     from amfs_dist.backend import InProcessBackend
     from amfs_dist.config import resolve
@@ -128,11 +128,10 @@ def _rank_loop(config: dict) -> None:
                                            weights_only=False))
         else:
             trainer.restore(ray.get(config["state"]))
-        trainer.use_backend(CollectiveExchange(cfg, InProcessBackend(cfg, trainer.learner,
-                                                                     trainer.source)))
+        exchange = CollectiveExchange(cfg, InProcessBackend(cfg, trainer.learner, trainer.source))
+        trainer.use_backend(exchange)
         t = cfg.train
         stop_poll = channel.stop_requested.remote() if rank == 0 else None
-        flag = torch.zeros(1, dtype=torch.int32, device=device)
 
         def report(kind: str, **extra) -> None:
             state = trainer.state_dict()
@@ -150,29 +149,31 @@ def _rank_loop(config: dict) -> None:
 
         try:
             while trainer.step < t.steps:
+                started = time.perf_counter()
+                if rank == 0:  # the step's weights carry it to every rank (exchange.stop)
+                    ready, _ = ray.wait([stop_poll], timeout=0)
+                    if ready and ray.get(stop_poll):
+                        exchange.stop = True
+                    elif ready:
+                        stop_poll = channel.stop_requested.remote()
                 res = trainer.train_step()
                 row = trainer.metrics_row(res)
-                if t.val_every and trainer.step % t.val_every == 0:
+                row["step_s"] = round(time.perf_counter() - started, 6)  # the loop's, whole
+                if t.val_every and trainer.step % t.val_every == 0 and not exchange.stop:
                     val = trainer.validate()
                     row["val_accuracy"], row["val_loss"] = val["accuracy"], val["loss"]
                 validated = "val_accuracy" in row
                 if validated and trainer.step < t.steps:  # Tune's checkpoint is this step's
                     report("checkpoint")
                 if rank == 0:
-                    ready, _ = ray.wait([stop_poll], timeout=0)
-                    if ready and ray.get(stop_poll):
-                        flag.fill_(1)
-                    elif ready:
-                        stop_poll = channel.stop_requested.remote()
                     channel.put.remote([row])
-                if world > 1:
-                    tdist.broadcast(flag, 0)
                 if trainer.bad_streak >= t.max_bad_steps:
-                    report("checkpoint")
-                    raise TrainingError(
+                    report("failed", error=(
                         f"{t.max_bad_steps} consecutive steps without a finite task gradient "
-                        f"(train.max_bad_steps) at step {trainer.step}")
-                if bool(flag.item()):
+                        f"(train.max_bad_steps) at step {trainer.step}; checkpoint kept in "
+                        f"{config['location']}/{CHECKPOINT_NAME}"))
+                    return
+                if exchange.stop:
                     report("stopped")
                     return
                 if (trainer.step % t.checkpoint_every == 0 and trainer.step < t.steps
@@ -209,7 +210,8 @@ def make_torch_trainer(cfg, location, state_ref, channel, source_factory=None,
     return TorchTrainer(
         _rank_loop,
         train_loop_config={"cfg": cfg.to_flat(), "state": state_ref, "channel": channel,
-                           "source_factory": source_factory, "test": test},
+                           "source_factory": source_factory, "test": test,
+                           "location": str(location)},
         torch_config=_torch_config(d.timeout_s),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=d.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -275,7 +277,7 @@ def _follow(trainer, torch_trainer, channel, on_row, on_checkpoint) -> dict | No
                 "with its last checkpoint", _workers_said(cfg), bound, first_bound)
     last_heard, seen_row = time.monotonic(), False
     stop_asked_at = None
-    test, final = None, False
+    test, final, failed = None, False, None
     while True:
         done = not thread.is_alive()
         rows, events = ray.get(channel.take.remote(), timeout=60)
@@ -290,9 +292,12 @@ def _follow(trainer, torch_trainer, channel, on_row, on_checkpoint) -> dict | No
             if event["kind"] == "final":
                 test, final = event.get("test"), True
             stopped = stopped or event["kind"] == "stopped"
+            failed = event.get("error") or failed
         for row in rows:
             seen_row = True
             on_row(row)
+        if failed:
+            raise TrainingError(failed)
         if stopped:
             raise RunStopped(trainer.stopped_message(), trainer.stop_signal)
         if done:
