@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -167,8 +168,9 @@ def slurm_confs(nodes: SlurmNodes, shared: Path) -> tuple[str, str]:
     """slurm.conf and slurmdbd.conf."""
     head = nodes.address(1)
     auth = f"AuthType=auth/munge\nAuthInfo=socket={shared}/munge.sock,cred_expire=5\n"
-    # two CPUs a node: two jobs of one CPU a node may run at once; RealMemory: any machine has it
-    node_lines = "".join(f"NodeName={nodes.hostname(i)} NodeAddr={nodes.address(i)} CPUs=2 "
+    # three CPUs a node, whatever the machine has (config_overrides): the module's three jobs of
+    # one CPU a node run at once; RealMemory: any machine has it
+    node_lines = "".join(f"NodeName={nodes.hostname(i)} NodeAddr={nodes.address(i)} CPUs=3 "
                          "RealMemory=500 State=UNKNOWN\n" for i in (1, 2))
     # cred_expire=5, sched_interval=2, bf_interval=2: as tests/slurm_cluster.sh explains
     return f"""ClusterName=amfs-two
@@ -184,6 +186,7 @@ SlurmctldLogFile={shared}/log/slurmctld.log
 SlurmdLogFile={shared}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
@@ -328,23 +331,36 @@ def assert_two_node_job_completed(slurm: Slurm, job_id: str, workers_log: Path) 
     return log
 
 
-@pytest.mark.parametrize("exchange", ["exact", "collective"])
-def test_a_two_node_job_trains_with_one_worker_on_each_node(slurm, exchange):
-    run, workers_log = slurm.shared / f"run-{exchange}", slurm.shared / f"workers-{exchange}"
-    job_id = slurm.submit(*TRAIN, "--out", str(run), "train.steps=3",
-                          f"dist.exchange={exchange}", workers_log=workers_log)
-    assert_two_node_job_completed(slurm, job_id, workers_log)
-    assert json.loads((run / "result.json").read_text())["meta_steps"] == 3
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["workers"] for r in rows] == [2, 2, 2]
+class Job(NamedTuple):
+    id: str
+    run: Path  # its --out
+    workers_log: Path  # where its `amfs` wrote the nodes of its workers
 
 
-def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continues(slurm):
-    steps = 30
-    run, workers_log = slurm.shared / "run-requeued", slurm.shared / "workers-requeued"
+REQUEUED_STEPS = 30
+JOBS = {  # this module's Slurm jobs: extra `amfs train` arguments
     # checkpoint_every > steps: the only checkpoint before the end is the one USR1 makes
-    job_id = slurm.submit(*TRAIN, "--out", str(run), f"train.steps={steps}",
-                          f"train.checkpoint_every={steps + 10}", workers_log=workers_log)
+    "requeued": [f"train.steps={REQUEUED_STEPS}", f"train.checkpoint_every={REQUEUED_STEPS + 10}"],
+    "exact": ["train.steps=3", "dist.exchange=exact"],
+    "collective": ["train.steps=3", "dist.exchange=collective"],
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm) -> dict[str, Job]:
+    """Every job of JOBS, submitted at once: with three CPUs a node, Slurm runs them side by
+    side and each test waits for its own. The requeue test comes first in the module: it
+    signals its job at its first step."""
+    submitted = {}
+    for name, extra in JOBS.items():
+        run, workers_log = slurm.shared / f"run-{name}", slurm.shared / f"workers-{name}"
+        job_id = slurm.submit(*TRAIN, "--out", str(run), *extra, workers_log=workers_log)
+        submitted[name] = Job(job_id, run, workers_log)
+    return submitted
+
+
+def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continues(slurm, jobs):
+    job_id, run, workers_log = jobs["requeued"]
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -356,15 +372,23 @@ def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continue
     job = slurm.wait(job_id, until={"PENDING"} | ENDED)
     assert job["JobState"] == "PENDING" and job["Restarts"] == "1", slurm.output(job_id)
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < stopped_at < steps, slurm.output(job_id)
+    assert 0 < stopped_at < REQUEUED_STEPS, slurm.output(job_id)
     assert not (run / "result.json").exists()
     log = assert_two_node_job_completed(slurm, job_id, workers_log)
     assert "USR1: the time limit is near" in log and f"requeueing job {job_id}" in log
     assert len(workers_log.read_text().splitlines()) == 2  # the first run and the requeued one
     result = json.loads((run / "result.json").read_text())
-    assert result["meta_steps"] == steps and result["resumed"] is True
+    assert result["meta_steps"] == REQUEUED_STEPS and result["resumed"] is True
     assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == \
-        list(range(1, steps + 1))
+        list(range(1, REQUEUED_STEPS + 1))
+
+
+@pytest.mark.parametrize("exchange", ["exact", "collective"])
+def test_a_two_node_job_trains_with_one_worker_on_each_node(slurm, jobs, exchange):
+    job_id, run, workers_log = jobs[exchange]
+    assert_two_node_job_completed(slurm, job_id, workers_log)
+    assert json.loads((run / "result.json").read_text())["meta_steps"] == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 # -- `ray job submit` to a two-node Ray cluster ------------------------------------------------
