@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 
 import netns
 from conftest import TINY
@@ -348,39 +347,24 @@ JOBS = {  # this module's Slurm jobs: extra `amfs train` arguments
 
 @pytest.fixture(scope="module")
 def jobs(slurm) -> dict[str, Job]:
-    """Every job of JOBS, submitted at once: with three CPUs a node, Slurm runs them side by
-    side and each test waits for its own. The requeue test comes first in the module: it
-    signals its job at its first step."""
+    """Every job of JOBS, submitted at once: with three CPUs a node Slurm runs them side by
+    side, and each test waits for its own. The "requeued" job gets, at its first step, the
+    USR1 that `#SBATCH --signal=B:USR1@300` sends 300 s before the time limit; it continues
+    while the other tests run."""
     submitted = {}
     for name, extra in JOBS.items():
         run, workers_log = slurm.shared / f"run-{name}", slurm.shared / f"workers-{name}"
         job_id = slurm.submit(*TRAIN, "--out", str(run), *extra, workers_log=workers_log)
         submitted[name] = Job(job_id, run, workers_log)
-    return submitted
-
-
-def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continues(slurm, jobs):
-    job_id, run, workers_log = jobs["requeued"]
+    job_id, run, _ = submitted["requeued"]
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().strip()):
         assert slurm.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, slurm.output(job_id)
         assert time.monotonic() < deadline, slurm.output(job_id)
         time.sleep(0.2)
-    # what `#SBATCH --signal=B:USR1@300` sends 300 s before the time limit, sent now
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
-    job = slurm.wait(job_id, until={"PENDING"} | ENDED)
-    assert job["JobState"] == "PENDING" and job["Restarts"] == "1", slurm.output(job_id)
-    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < stopped_at < REQUEUED_STEPS, slurm.output(job_id)
-    assert not (run / "result.json").exists()
-    log = assert_two_node_job_completed(slurm, job_id, workers_log)
-    assert "USR1: the time limit is near" in log and f"requeueing job {job_id}" in log
-    assert len(workers_log.read_text().splitlines()) == 2  # the first run and the requeued one
-    result = json.loads((run / "result.json").read_text())
-    assert result["meta_steps"] == REQUEUED_STEPS and result["resumed"] is True
-    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == \
-        list(range(1, REQUEUED_STEPS + 1))
+    return submitted
 
 
 @pytest.mark.parametrize("exchange", ["exact", "collective"])
@@ -432,3 +416,17 @@ def test_ray_job_submit_runs_amfs_train_across_two_nodes(ray_cluster):
     assert found.returncode == 0, found.stderr[-3000:]
     assert json.loads(found.stdout.strip().splitlines()[-1]) == [nodes.address(1),
                                                                  nodes.address(2)]
+
+
+# -- last: the requeued job continued while the tests above ran --------------------------------
+def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continues(slurm, jobs):
+    job_id, run, workers_log = jobs["requeued"]
+    log = assert_two_node_job_completed(slurm, job_id, workers_log)
+    assert slurm.job(job_id)["Restarts"] == "1", slurm.output(job_id)
+    assert "USR1: the time limit is near" in log and f"requeueing job {job_id}" in log
+    # the first run stopped at the signal (128 + USR1), the requeued one finished
+    assert [json.loads(r)["rc"] for r in workers_log.read_text().splitlines()] == [138, 0]
+    result = json.loads((run / "result.json").read_text())
+    assert result["meta_steps"] == REQUEUED_STEPS and result["resumed"] is True
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, REQUEUED_STEPS + 1))
