@@ -148,16 +148,17 @@ class Slurm:
             text += f"\n--- {log.name} on job {job_id} ---\n" + "\n".join(lines[-40:])
         return text
 
-    def sacct(self, job_id: str, timeout: float = 60) -> list[dict[str, str]]:
+    def sacct(self, job_id: str, *options: str, timeout: float = 60) -> list[dict[str, str]]:
         """The job's accounting rows once the job's own row has its end state (slurmctld sends
         them to slurmdbd a moment after the end); printed, for the record."""
         deadline = time.monotonic() + timeout
+        cmd = ["sacct", "-j", job_id, f"--format={SACCT_FORMAT}", "-P", *options]
         while True:
-            out = self.run("sacct", "-j", job_id, f"--format={SACCT_FORMAT}", "-P")
+            out = self.run(*cmd)
             lines = out.strip().splitlines()
             rows = [dict(zip(lines[0].split("|"), ln.split("|"))) for ln in lines[1:]]
             if any(r["JobID"] == job_id and r["State"] in ENDED for r in rows):
-                print(f"$ sacct -j {job_id} --format={SACCT_FORMAT} -P\n{out}")
+                print(f"$ {' '.join(cmd)}\n{out}")
                 return rows
             assert time.monotonic() < deadline, f"no end state in sacct for {job_id}:\n{out}"
             time.sleep(1)
@@ -426,6 +427,9 @@ def test_a_two_node_job_signalled_before_its_time_limit_is_requeued_and_continue
     assert "USR1: the time limit is near" in log and f"requeueing job {job_id}" in log
     # the first run stopped at the signal (128 + USR1), the requeued one finished
     assert [json.loads(r)["rc"] for r in workers_log.read_text().splitlines()] == [138, 0]
+    # both runs in the accounting (-D: the record of each start, not only the last)
+    runs = [r for r in slurm.sacct(job_id, "-D") if r["JobID"] == job_id]
+    assert [(r["State"], r["NNodes"]) for r in runs] == [("REQUEUED", "2"), ("COMPLETED", "2")]
     result = json.loads((run / "result.json").read_text())
     assert result["meta_steps"] == REQUEUED_STEPS and result["resumed"] is True
     assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == \
