@@ -10,6 +10,11 @@ socket, job logs, run directories) lives in a directory outside /tmp, as on a cl
 storage. Each node's hostname resolves to 127.0.1.1 there (the Debian default) and the other
 node's to its address. Clients (sbatch, squeue, sacct) run in node 1.
 
+The jobs run the shipped script as a user would, with one stand-in: the `amfs` first on their
+PATH runs the real command, then writes which nodes the run's workers were on (from Ray's
+actor table, before the script stops Ray). The `ray job submit` test starts its own Ray
+cluster on the same nodes (netns.Nodes.start_ray), beside the Slurm.
+
 Needs root, iproute2 and the Debian packages slurm-wlm, slurmdbd, munge and mariadb-server
 (.ci/run installs them where apt is there); without them the tests skip and say why.
 """
