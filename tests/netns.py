@@ -11,10 +11,10 @@ either to 127.0.1.1 (the Debian default: a hostname that resolves to loopback) o
 node's address (`set_hosts`).
 
 Everything is named from `Nodes.prefix` (PREFIX unless a subclass says otherwise): namespaces
-PREFIX0 (switch), PREFIX1..N (nodes), their
-/etc/netns dirs and the Ray temp dirs /tmp/PREFIX-N. `remove()` kills every process of those
-namespaces (all of them started here) and deletes what was created; `Nodes()` first removes
-the leftovers of an earlier run that could not clean up.
+PREFIX0 (switch), PREFIX1..N (nodes), their /etc/netns dirs and the Ray temp dirs
+/tmp/PREFIX-N. `remove()` kills every process of those namespaces (all of them started here)
+and deletes what was created; `Nodes()` first removes the leftovers of an earlier run that
+could not clean up.
 """
 from __future__ import annotations
 
