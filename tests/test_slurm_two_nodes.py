@@ -1,9 +1,9 @@
 """cluster/slurm/amfs-ray.sbatch on a two-node Slurm, and `ray job submit` to a two-node Ray
 cluster: the nodes are Linux network namespaces on one machine (tests/netns.py).
 
-The Slurm is this module's own: munged (in the machine's namespace; clients reach its socket
-by path), and in node 1 a MariaDB server and slurmdbd (so that `sacct` has records), slurmctld
-and a slurmd; in node 2 a slurmd. Each slurmd runs in its node's network and UTS namespace
+The Slurm is this module's own: in node 1 munged (every node's clients and daemons reach its
+socket by path), a MariaDB server and slurmdbd (so that `sacct` has records), slurmctld and a
+slurmd; in node 2 a slurmd. Each slurmd runs in its node's network and UTS namespace
 with its hostname as NodeName and the node's address as NodeAddr, and with a /tmp of its own
 (a bind mount, as a real node's /tmp is its own disk); everything shared (configuration, munge
 socket, job logs, run directories) lives in a directory outside /tmp, as on a cluster's shared
@@ -270,9 +270,12 @@ def slurm(nodes):
         key = shared / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        start(["munged", "--foreground", "--force", f"--socket={shared}/munge.sock",
-               f"--key-file={key}", f"--pid-file={shared}/munged.pid",
-               f"--log-file={logs}/munged.log", f"--seed-file={shared}/munge.seed"], "munged.out")
+        # in node 1 (no network needed: clients reach its socket by path), so that an earlier
+        # run's leftovers are ended with the namespaces (netns.Nodes() removes them first)
+        start(nodes.argv(1, ["munged", "--foreground", "--force", f"--socket={shared}/munge.sock",
+                             f"--key-file={key}", f"--pid-file={shared}/munged.pid",
+                             f"--log-file={logs}/munged.log", f"--seed-file={shared}/munge.seed"]),
+              "munged.out")
         # a small MariaDB for slurmdbd, on node 1's own loopback
         mariadb = ["--no-defaults", f"--datadir={shared}/db", "--user=root",
                    "--innodb-log-file-size=4M", "--innodb-buffer-pool-size=8M"]
