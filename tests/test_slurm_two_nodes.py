@@ -52,7 +52,8 @@ TRAIN = ["train", "--no-progress", "--resume-if-exists", *TINY, "dist.workers=2"
 WORKER_IPS = """
 import json, os, ray
 from ray._private import state
-ray.init(log_to_driver=False, logging_level="ERROR")
+if not ray.is_initialized():
+    ray.init(log_to_driver=False, logging_level="ERROR")
 workers = [a for a in state.actors().values()
            if a["ActorClassName"].endswith(("ShardWorker", "CollectiveWorker", "RayTrainWorker"))]
 job = max((a["JobID"] for a in workers), default=None)
