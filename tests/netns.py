@@ -10,10 +10,11 @@ set; `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts, which maps
 either to 127.0.1.1 (the Debian default: a hostname that resolves to loopback) or to the
 node's address (`set_hosts`).
 
-Everything is named from PREFIX: namespaces PREFIX0 (switch), PREFIX1..N (nodes), their
-/etc/netns dirs and the Ray temp dirs /tmp/PREFIX-N. `remove()` kills every process of those
-namespaces (all of them started here) and deletes what was created; `Nodes()` first removes
-the leftovers of an earlier run that could not clean up.
+Everything is named from `Nodes.prefix` (PREFIX unless a subclass says otherwise): namespaces
+PREFIX0 (switch), PREFIX1..N (nodes), their /etc/netns dirs and the Ray temp dirs
+/tmp/PREFIX-N. `remove()` kills every process of those namespaces (all of them started here)
+and deletes what was created; `Nodes()` first removes the leftovers of an earlier run that
+could not clean up.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SUBNET = ipaddress.ip_network("10.77.0.0/24")
 # names are the only thing they could collide on (each set of namespaces is its own network)
 PREFIX = os.environ.get("AMFS_TEST_NETNS_PREFIX", "amfsmn")
 RAY_PORT = 6379  # free: each node namespace has its own ports
+DASHBOARD_PORT = 8265
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -56,7 +58,10 @@ def _ip(*args: str) -> None:
 
 
 class Nodes:
-    """`count` namespace nodes; node i (1-based) has address `address(i)`."""
+    """`count` namespace nodes; node i (1-based) has address `address(i)`. A subclass with a
+    `prefix` of its own has names of its own: its nodes and another module's live side by side."""
+
+    prefix = PREFIX
 
     def __init__(self, count: int):
         self.count = count
@@ -69,27 +74,27 @@ class Nodes:
             raise
 
     # -- names -------------------------------------------------------------------------------
-    @staticmethod
-    def ns(i: int) -> str:
-        return f"{PREFIX}{i}"
+    @classmethod
+    def ns(cls, i: int) -> str:
+        return f"{cls.prefix}{i}"
 
-    @staticmethod
-    def hostname(i: int) -> str:
-        return f"{PREFIX}-node{i}"
+    @classmethod
+    def hostname(cls, i: int) -> str:
+        return f"{cls.prefix}-node{i}"
 
     @staticmethod
     def address(i: int) -> str:
         return str(SUBNET.network_address + i)
 
-    @staticmethod
-    def temp_dir(i: int) -> Path:
-        return Path(f"/tmp/{PREFIX}-{i}")  # short: Ray's socket paths have a length limit
+    @classmethod
+    def temp_dir(cls, i: int) -> Path:
+        return Path(f"/tmp/{cls.prefix}-{i}")  # short: Ray's socket paths have a length limit
 
     def _namespaces(self) -> list[str]:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         return [line.split()[0] for line in listed.splitlines()
-                if line.split() and line.split()[0].startswith(PREFIX)
-                and line.split()[0][len(PREFIX):].isdigit()]
+                if line.split() and line.split()[0].startswith(self.prefix)
+                and line.split()[0][len(self.prefix):].isdigit()]
 
     # -- making ------------------------------------------------------------------------------
     def _make(self) -> None:
@@ -109,14 +114,18 @@ class Nodes:
             Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
         self.set_hosts(loopback=True)
 
-    def set_hosts(self, loopback: bool) -> None:
-        """Each node's hostname resolves to 127.0.1.1 (loopback=True) or to its address. The
-        file is rewritten in place: running processes see it through their bind mount."""
+    def set_hosts(self, loopback: bool, peers: bool = False) -> None:
+        """Each node's hostname resolves to 127.0.1.1 (loopback=True) or to its address; with
+        peers=True the other nodes' hostnames resolve to their addresses (a cluster's usual
+        /etc/hosts or DNS). The file is rewritten in place: running processes see it through
+        their bind mount."""
         for i in range(1, self.count + 1):
             mine = "127.0.1.1" if loopback else self.address(i)
+            others = "".join(f"{self.address(j)}\t{self.hostname(j)}\n"
+                             for j in range(1, self.count + 1) if peers and j != i)
             hosts = Path(f"/etc/netns/{self.ns(i)}/hosts")
             with open(hosts, "w") as f:  # truncates the same inode
-                f.write(f"127.0.0.1\tlocalhost\n{mine}\t{self.hostname(i)}\n")
+                f.write(f"127.0.0.1\tlocalhost\n{mine}\t{self.hostname(i)}\n{others}")
 
     def link(self, i: int, up: bool) -> None:
         """Plug node i's cable in or out (at the switch)."""
@@ -136,11 +145,15 @@ class Nodes:
         env.update(extra)
         return env
 
-    def start_ray(self, i: int, cpus: int = 1) -> subprocess.Popen:
-        """`ray start --block` in node i (the head in node 1); its process is kept."""
+    def start_ray(self, i: int, cpus: int = 1, dashboard: bool = False) -> subprocess.Popen:
+        """`ray start --block` in node i (the head in node 1); its process is kept. With
+        dashboard=True the head serves jobs (`ray job submit`) at `dashboard_url()`."""
         temp = self.temp_dir(i)
         temp.mkdir(exist_ok=True)
-        where = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 1
+        served = (["--include-dashboard=true", f"--dashboard-host={self.address(1)}",
+                   f"--dashboard-port={DASHBOARD_PORT}"] if dashboard
+                  else ["--include-dashboard=false"])
+        where = (["--head", f"--port={RAY_PORT}", *served] if i == 1
                  else [f"--address={self.address(1)}:{RAY_PORT}"])
         log = open(temp / "ray-start.log", "ab")
         proc = subprocess.Popen(
@@ -153,6 +166,9 @@ class Nodes:
         log.close()
         self.procs[i] = proc
         return proc
+
+    def dashboard_url(self) -> str:
+        return f"http://{self.address(1)}:{DASHBOARD_PORT}"
 
     def run(self, i: int, cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
         """`cmd` in node i with RAY_ADDRESS naming the head."""
@@ -208,15 +224,15 @@ class Nodes:
             except subprocess.TimeoutExpired:
                 pass
         for ns in namespaces:
-            self.kill(int(ns[len(PREFIX):]))
+            self.kill(int(ns[len(self.prefix):]))
         for ns in namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        for path in Path("/etc/netns").glob(f"{PREFIX}[0-9]*"):
+        for path in Path("/etc/netns").glob(f"{self.prefix}[0-9]*"):
             shutil.rmtree(path, ignore_errors=True)
         try:
             Path("/etc/netns").rmdir()  # only when empty: none of ours is left in it
         except OSError:
             pass
-        for path in Path("/tmp").glob(f"{PREFIX}-[0-9]*"):
+        for path in Path("/tmp").glob(f"{self.prefix}-[0-9]*"):
             shutil.rmtree(path, ignore_errors=True)
         self.procs = {}
