@@ -70,14 +70,15 @@ def containers(doc: dict) -> list[dict]:
     return [c for pod in pods for c in pod["spec"]["containers"]]
 
 
-def gpu_pods(doc: dict) -> tuple[int, int]:
-    """(GPU pods, GPUs in all) of the worker groups."""
+def gpu_pods(doc: dict, replicas: str = "maxReplicas") -> tuple[int, int]:
+    """(GPU pods, GPUs in all) of the worker groups with `replicas` pods each (maxReplicas:
+    what the cluster can grow to; minReplicas: what the autoscaler keeps)."""
     pods = gpus = 0
     for g in ray_cluster_spec(doc).get("workerGroupSpecs", []):
         per_pod = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
                       for c in g["template"]["spec"]["containers"])
         if per_pod:
-            pods, gpus = pods + g["replicas"], gpus + g["replicas"] * per_pod
+            pods, gpus = pods + g[replicas], gpus + g[replicas] * per_pod
     return pods, gpus
 
 
@@ -99,7 +100,8 @@ def amfs_train_commands(name: str, doc: dict) -> list[str]:
 
 def test_every_manifest_is_a_kind_we_can_check():
     assert {p.name for p in MANIFESTS} >= {"raycluster.yaml", "rayjob.yaml",
-                                           "prepare-data.yaml", "pvc.yaml"}
+                                           "rayjob-elastic.yaml", "prepare-data.yaml",
+                                           "pvc.yaml"}
     kinds = [d["kind"] for _, d in documents()]
     assert set(kinds) <= set(SCHEMAS) | CORE_KINDS, kinds
     assert {"RayCluster", "RayJob"} <= set(kinds)
@@ -111,6 +113,22 @@ def test_manifest_validates_against_the_kuberay_crd(name, doc):
     assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
     assert errors(doc) == []
     assert {c["image"] for c in containers(doc)} == {IMAGE}  # one image name everywhere
+
+
+def test_an_elastic_manifest_scales_within_bounds_the_autoscaler_publishes():
+    """rayjob-elastic.yaml: the autoscaler on, in its v2 (which publishes the node types that
+    `amfs train` checks dist.workers against), a GPU group of minReplicas < maxReplicas, and an
+    elastic run (dist.min_workers < dist.workers) on it."""
+    doc = next(d for n, d in documents() if n == "rayjob-elastic.yaml")
+    spec = ray_cluster_spec(doc)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if gpu_pods({"kind": "RayCluster", "spec": {
+        "workerGroupSpecs": [g]}})[0]]
+    assert gpu["minReplicas"] < gpu["maxReplicas"]
+    (command,) = amfs_train_commands("rayjob-elastic.yaml", doc)
+    o = overrides(command)
+    assert 0 < int(o["dist.min_workers"]) < int(o["dist.workers"])
 
 
 @pytest.mark.parametrize("break_it, expect", [
@@ -127,6 +145,12 @@ def test_manifest_validates_against_the_kuberay_crd(name, doc):
      ["containers"][0]["resources"]["limits"].update(cpu=[8]), "is not valid under any"),
     (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("maxReplicas"),
      "'maxReplicas' is a required property"),
+    (lambda d: d["spec"]["rayClusterSpec"].update(enableInTreeAutoscaling="true"),
+     "'true' is not of type 'boolean'"),
+    (lambda d: d["spec"]["rayClusterSpec"].update(autoscalerOptions={"version": "v3"}),
+     "'v3' is not one of ['v1', 'v2']"),
+    (lambda d: d["spec"]["rayClusterSpec"].update(autoscalerOptions={"idleTimeout": 60}),
+     "'idleTimeout' was unexpected"),
 ])
 def test_a_broken_manifest_fails(break_it, expect):
     doc = copy.deepcopy(next(d for n, d in documents() if n == "rayjob.yaml"))
@@ -143,14 +167,21 @@ def test_the_runs_a_manifest_describes_add_up(name, doc):
     for g in spec.get("workerGroupSpecs", []):  # replica bounds act only with the autoscaler
         if not spec.get("enableInTreeAutoscaling"):
             assert g["minReplicas"] == g["replicas"] == g["maxReplicas"], g["groupName"]
+        assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
     pods, gpus = gpu_pods(doc)
+    _, kept_gpus = gpu_pods(doc, "minReplicas")
     commands = amfs_train_commands(name, doc)
-    if name in ("raycluster.yaml", "rayjob.yaml"):
+    if name in ("raycluster.yaml", "rayjob.yaml", "rayjob-elastic.yaml"):
         assert commands, f"{name}: no `amfs train` command found"
     for command in commands:
         o = overrides(command)
         workers, per_worker = int(o.get("dist.workers", 0)), float(o.get("dist.gpus_per_worker", 0))
         assert workers * per_worker <= gpus, f"{name}: {command!r} asks for more GPUs than {gpus}"
+        fewest = int(o.get("dist.min_workers", 0)) or workers
+        if kept_gpus < gpus:  # the autoscaler may take GPU pods away: the run must go on
+            assert fewest < workers, f"{name}: {command!r} is not elastic (dist.min_workers)"
+            assert fewest * per_worker <= kept_gpus, f"{name}: minReplicas cannot hold {command!r}"
+            assert o.get("dist.exchange", "exact") in ("exact", "sketch"), command
         if pods > 1 and workers > 1:  # gradients cross pods: the README's advice
             assert o.get("dist.exchange") == "sketch", f"{name}: {command!r}"
         words = shlex.split(command)

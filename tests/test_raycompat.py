@@ -77,6 +77,7 @@ def test_autoscaling_maximum_fallback_warns_and_returns_none(monkeypatch):
 
 # -- tune_legacy_output --------------------------------------------------------------------------
 # -- actor_placed --------------------------------------------------------------------------------
+@pytest.mark.ray
 def test_actor_placed_tells_a_placed_actor_from_one_waiting_for_room(ray_session):
     @ray.remote(num_cpus=0)
     class Placed:
@@ -95,6 +96,17 @@ def test_actor_placed_tells_a_placed_actor_from_one_waiting_for_room(ray_session
     finally:
         ray.kill(placed)
         ray.kill(waiting)
+
+
+@pytest.mark.ray
+def test_an_actor_the_gcs_has_not_registered_yet_is_not_placed(ray_session):
+    """`.remote()` returns before the GCS has registered the actor: an actor id its table
+    does not hold yet is waiting for a node, not placed (a replacement taken for placed was
+    waited for silently for dist.timeout_s plus the start-up grace)."""
+    class JustCreated:
+        _actor_id = ray.ActorID.from_random()
+
+    assert raycompat.actor_placed(JustCreated()) is False
 
 
 def test_actor_placed_fallback_warns_and_counts_the_actor_as_placed(monkeypatch):

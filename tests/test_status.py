@@ -38,6 +38,7 @@ def test_status_of_a_run_in_progress_then_finished(tiny, tmp_path, capsys):
     assert 3600 <= status["checkpoint_age_s"] < 3600 + 120
     assert status["last_metrics"]["step"] == 3 and "loss" in status["last_metrics"]
     assert status["last_validation"]["step"] == 2
+    assert "workers" not in status  # in-process: no shard workers
     step_2 = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
     assert status["last_validation"]["val_accuracy"] == step_2["val_accuracy"]
     with (run / "metrics.jsonl").open("a") as log:  # step 4's row, caught half written
@@ -48,6 +49,17 @@ def test_status_of_a_run_in_progress_then_finished(tiny, tmp_path, capsys):
     status = _status(capsys, run)
     assert status["step"] == 4 and status["finished"] is True and status["result"] == result
     assert status["last_validation"]["step"] == 4 and status["checkpoint_age_s"] < 120
+
+
+@pytest.mark.ray
+def test_status_says_how_many_workers_computed_the_last_step(ray_session, tiny, tmp_path, capsys):
+    """An elastic run of dist.workers=3 on 2 CPUs goes with the 2 that fit: status says 2."""
+    cfg = load_config(None, tiny + ["train.steps=1", "dist.workers=3", "dist.min_workers=2",
+                                    "dist.replace_timeout_s=2", "dist.cpus_per_worker=1"])
+    lifecycle.train(cfg, tmp_path, progress=False)
+    status = _status(capsys, tmp_path)
+    assert status["step"] == 1 and status["workers"] == 2
+    assert status["last_metrics"]["workers"] == 2
 
 
 def test_status_of_a_path_that_is_no_run_is_one_line(tmp_path, capsys):

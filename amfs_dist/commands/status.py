@@ -2,6 +2,9 @@
 
   step / steps       the last logged step (metrics.jsonl) against train.steps
   last_metrics       that step's metrics row; last_validation: the last row with val_accuracy
+  workers            the shard workers that computed that step (its `workers` column: an
+                     elastic run may have fewer than dist.workers); absent where the run logs
+                     none (in-process runs)
   checkpoint_age_s   seconds since checkpoint.pt was last written (null: none yet)
   finished, result   whether result.json exists, and its content
 """
@@ -15,7 +18,8 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("status", help="how far a run is (local or s3:// / gs://), as JSON",
                        description="Print one JSON object for a run: its step against "
-                                   "train.steps, the last metrics and validation, the "
+                                   "train.steps, the shard workers that computed it, the last "
+                                   "metrics and validation, the "
                                    "checkpoint's age in seconds and, once finished, its result.")
     p.add_argument("run", metavar="RUN_DIR|URI")
     p.set_defaults(func=run)
@@ -48,8 +52,9 @@ def _status(name: str, local: Path, checkpoint) -> dict:
     result = read_result(local) if (local / RESULT).is_file() else None
     age = (round(time.time() - checkpoint.mtime.timestamp(), 1)
            if checkpoint.type == pafs.FileType.File else None)
+    workers = {"workers": rows[-1]["workers"]} if rows and "workers" in rows[-1] else {}
     return {"run": name, "method": cfg.method_name, "step": rows[-1]["step"] if rows else 0,
-            "steps": cfg.train.steps, "finished": result is not None,
+            "steps": cfg.train.steps, **workers, "finished": result is not None,
             "checkpoint_age_s": age, "last_metrics": rows[-1] if rows else None,
             "last_validation": ({k: validations[-1][k] for k in ("step", "val_accuracy",
                                                                  "val_loss")}

@@ -90,7 +90,8 @@ def autoscaling_maximum() -> dict[str, float] | None:
 
 def actor_placed(actor) -> bool:
     """Whether Ray has leased a worker process on some node for `actor`: an actor still waiting
-    for a node with room has no address in the GCS's actor table yet.
+    for a node with room has no address in the GCS's actor table yet, and one created a moment
+    ago may have no entry at all (`.remote()` returns before the GCS has registered it).
 
     Upstream: the public state API (ray.util.state.get_actor) asks the dashboard's state server,
     which the private instances amfs starts do not run; the GCS's own actor table behind it is
@@ -104,6 +105,8 @@ def actor_placed(actor) -> bool:
         _fallback(f"the GCS actor table (ray._private.state.actors) cannot be read ({e!r})",
                   "a replacement worker counts as placed")
         return True
+    if not entry:  # not in the table yet: `.remote()` registers an actor with the GCS later
+        return False
     # a dead or restarting actor's entry has no address (the first call on it finds out)
     address = (entry.get("Address") or {}).get("IPAddress")
     return bool(address) or entry.get("State") not in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
