@@ -244,3 +244,28 @@ def test_collective_run_without_finite_gradients_stops_once_with_a_checkpoint(ra
                         source_factory=faulty_source_factory(nan_steps=range(1, 6)))
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 3
     assert [r["skipped"] for r in metrics(tmp_path)] == [False, True, True]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", ["exact", "collective"])
+def test_validation_and_test_run_on_the_workers_whatever_their_number(ray_session, tmp_path,
+                                                                     exchange):
+    """Validation and test episodes drawn in the `amfs train` process fail here: a run with
+    workers evaluates on them, by episode batch, and 1 or 2 workers give the same numbers."""
+    import os
+    factory = faulty_source_factory(no_episodes_in_pid=os.getpid())
+    results = {}
+    for workers in (1, 2):
+        cfg = cfg_of(f"dist.workers={workers}", f"dist.exchange={exchange}", "train.val_every=2",
+                     "train.steps=4", "train.deterministic=true", "dist.block_size=512")
+        results[workers] = lifecycle.train(cfg, tmp_path / str(workers), progress=False,
+                                           source_factory=factory)
+    with pytest.raises(RuntimeError, match="told to leave them to its workers"):
+        lifecycle.train(cfg_of("train.val_every=2", "train.steps=4"), tmp_path / "0",
+                        progress=False, source_factory=factory)
+    for key in ("test_accuracy", "test_loss", "test_ci95"):
+        assert results[1][key] == results[2][key], key
+    vals = {w: [r["val_accuracy"] for r in metrics(tmp_path / str(w)) if "val_accuracy" in r]
+            for w in (1, 2)}
+    assert len(vals[1]) == 2 and vals[1] == vals[2]
