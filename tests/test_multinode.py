@@ -258,8 +258,9 @@ def test_an_elastic_collective_run_loses_a_node_and_grows_back_on_ray_train(node
             nodes.start_ray(2)
         nodes.wait_for_ray(2)
     assert [r["step"] for r in steps()] == list(range(1, len(steps()) + 1))
-    counts = workers()
-    assert counts[:2] == [2, 2] and 1 in counts and counts[-1] == 2, counts
+    counts = workers()  # step 2 may be recomputed by rank 0 alone (from the step-1 checkpoint)
+    assert counts[0] == 2 and 1 in counts and counts[-1] == 2, (counts, log.read_text()[-5000:])
+    assert "are recomputed: the workers restarted from their checkpoint" in log.read_text()
     reference = tmp_path / "in-process"
     assert amfs(["train", "--no-progress", "--out", str(reference), *RUN,
                  f"train.steps={len(counts)}"]) == 0

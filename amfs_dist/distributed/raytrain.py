@@ -51,10 +51,16 @@ class RunChannel:
         self._rows: list = []
         self._events: list = []
         self._stop = False
+        self._latest = None  # the last checkpoint rank 0 reported
 
     def put(self, rows: list, events: list = ()) -> None:
         self._rows.extend(rows)
         self._events.extend(events)
+        for event in events:
+            self._latest = event["checkpoint"]
+
+    def latest(self):
+        return self._latest
 
     def take(self) -> tuple[list, list]:
         rows, events, self._rows, self._events = self._rows, self._events, [], []
@@ -121,7 +127,10 @@ def _rank_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="amfs-rank-") as scratch:
         trainer = Trainer(cfg, Path(scratch), device=device,
                           source_factory=config.get("source_factory"))
-        restored = ray.train.get_checkpoint()  # Ray Train restarted the group: its last one
+        # a restarted group: Ray Train's last checkpoint, or the last one rank 0 reported here
+        # (after an error of Ray Train's controller, get_checkpoint() had none: seen when a
+        # group of the old size could not start within Ray Train's 60 s after a lost node)
+        restored = ray.train.get_checkpoint() or ray.get(channel.latest.remote())
         if restored is not None:
             with restored.as_directory() as d:
                 trainer.restore(torch.load(Path(d) / STATE, map_location=device,
