@@ -117,8 +117,10 @@ class Trainer:
         if not on_ray_train(self.cfg):
             _ = self.backend
         elif self._ray_owner is None:
+            from amfs_dist.distributed.backend import check_settings
             from amfs_dist.distributed.cluster import init_ray
             from amfs_dist.distributed.raytrain import check_fits
+            check_settings(self.cfg)
             self._ray_owner = init_ray(log_to_driver=True)
             check_fits(self.cfg)
 
@@ -293,7 +295,10 @@ class Trainer:
                    disable=not progress, dynamic_ncols=True)
 
         def record(log, row: dict) -> None:
-            """The step's row to metrics.jsonl, the progress bar and the callbacks."""
+            """The step's row to the callbacks, metrics.jsonl and the progress bar
+            (on_validation first: a Tune report adds the row to its own copy of the log)."""
+            if on_validation and row.get("val_accuracy") is not None:
+                on_validation(self, row)
             log.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
             log.flush()
             bar.n = row["step"]
@@ -302,8 +307,6 @@ class Trainer:
                                  for k, v in POSTFIX.items() if row.get(v) is not None},
                                 refresh=False)
             bar.refresh()
-            if on_validation and row.get("val_accuracy") is not None:
-                on_validation(self, row)
             if on_step:
                 on_step(self, row)
 

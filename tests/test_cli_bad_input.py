@@ -56,9 +56,9 @@ ROWS = [
     ("lr-overflows-a-float", 2, lambda t, r: (train(t, "train.lr=1e999"), "train.lr")),
     ("min-workers-above-workers", 2, lambda t, r: (
         train(t, "dist.workers=2", "dist.min_workers=3"), "dist.min_workers=3")),
-    ("min-workers-collective", 2, lambda t, r: (
-        train(t, "dist.workers=2", "dist.min_workers=1", "dist.exchange=collective"),
-        "dist.min_workers=1")),
+    ("min-workers-above-workers-collective", 2, lambda t, r: (
+        train(t, "dist.workers=2", "dist.min_workers=3", "dist.exchange=collective"),
+        "dist.min_workers=3")),
     ("config-missing", 2, lambda t, r: (train(t, "--config", str(t / "no.yaml")), "no.yaml")),
     ("config-invalid-yaml", 2, lambda t, r: (
         train(t, "--config", str(write(t / "c.yaml", "kernel: [1, 2\n"))), "c.yaml")),

@@ -289,3 +289,49 @@ def test_an_elastic_run_starts_with_the_workers_that_fit(ray_session, tmp_path, 
     lifecycle.train(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["workers"] for r in rows] == [2, 2]
+
+
+@pytest.mark.slow
+def test_an_elastic_collective_run_loses_a_node_and_grows_back_on_ray_train(nodes, tmp_path):
+    """dist.exchange=collective, dist.min_workers=1: node 2 is killed with its raylet, Ray Train
+    restarts the group with rank 0 alone from the last checkpoint; node 2 is started again and
+    Ray Train grows the group back to two ranks. Each step is logged once, and the parameters
+    are bitwise those of an in-process run of as many steps (train.deterministic)."""
+    nodes.set_hosts(loopback=True)
+    run, log = tmp_path / "run", tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = nodes.popen(1, [sys.executable, "-m", "amfs_dist", "train", "--no-progress",
+                                 "--out", str(run), *RUN, "train.steps=100000",
+                                 "train.checkpoint_every=1", "dist.workers=2",
+                                 "dist.exchange=collective", "dist.min_workers=1",
+                                 "dist.replace_timeout_s=3"],
+                             stdout=out, stderr=subprocess.STDOUT)
+    rows = run / "metrics.jsonl"
+    steps = lambda: [json.loads(r) for r in rows.read_text().splitlines()] if rows.exists() else []
+    workers = lambda: [r["workers"] for r in steps()]
+    try:
+        wait_for("second step", lambda: len(workers()) >= 2, driver, log)
+        nodes.kill(2)
+        wait_for("a step with one rank", lambda: 1 in workers(), driver, log)
+        nodes.start_ray(2)
+        wait_for("two ranks again", lambda: workers()[-1] == 2 and 1 in workers(), driver, log)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(120) == 143, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if 2 not in nodes.procs:
+            nodes.start_ray(2)
+        nodes.wait_for_ray(2)
+    assert [r["step"] for r in steps()] == list(range(1, len(steps()) + 1))
+    counts = workers()  # step 2 may be recomputed by rank 0 alone (from the step-1 checkpoint)
+    assert counts[0] == 2 and 1 in counts and counts[-1] == 2, (counts, log.read_text()[-5000:])
+    assert "are recomputed: the workers restarted from their checkpoint" in log.read_text()
+    reference = tmp_path / "in-process"
+    assert amfs(["train", "--no-progress", "--out", str(reference), *RUN,
+                 f"train.steps={len(counts)}"]) == 0
+    elastic = torch.load(run / CHECKPOINT, weights_only=True)
+    assert elastic["step"] == len(counts)
+    for key, value in model(reference).items():
+        assert torch.equal(value, elastic["model"][key]), f"{key} differs from the in-process run"

@@ -81,8 +81,19 @@ def _check_workers_fit(cfg: Config) -> None:
                     f"dist.gpus_per_worker={d.gpus_per_worker:g})")
 
 
+def check_settings(cfg: Config) -> None:
+    """What no cluster could run, refused before Ray is joined (every exchange on Ray)."""
+    if cfg.dist.gpus_per_worker > 1:
+        raise UserError(f"dist.gpus_per_worker={cfg.dist.gpus_per_worker:g}: a worker computes "
+                        f"on one GPU; use one worker per GPU (dist.workers)")
+    min_workers(cfg)
+
+
 def min_workers(cfg: Config) -> int:
     """dist.min_workers, where 0 means dist.workers (not elastic)."""
+    if cfg.dist.min_workers > cfg.dist.workers:
+        raise UserError(f"dist.min_workers={cfg.dist.min_workers} is more than "
+                        f"dist.workers={cfg.dist.workers}")
     return cfg.dist.min_workers or cfg.dist.workers
 
 
@@ -101,12 +112,7 @@ class RayBackend:
 
         if cfg.dist.workers < 1:
             raise ValueError("RayBackend needs dist.workers >= 1 (0 runs in-process)")
-        if cfg.dist.gpus_per_worker > 1:
-            raise UserError(f"dist.gpus_per_worker={cfg.dist.gpus_per_worker:g}: a shard worker "
-                            f"computes on one GPU; use one worker per GPU (dist.workers)")
-        if min_workers(cfg) > cfg.dist.workers:
-            raise UserError(f"dist.min_workers={cfg.dist.min_workers} is more than "
-                            f"dist.workers={cfg.dist.workers}")
+        check_settings(cfg)
         self.cfg = cfg
         self.num_workers = cfg.dist.workers
         self.min_workers = min_workers(cfg)

@@ -2,7 +2,8 @@
 
 `FaultySource` wraps the config's task source. At chosen training steps it makes a drawn task
 non-finite (NaN inputs, so the task's meta-gradient is NaN), SIGKILLs the process that draws
-(a shard worker dying mid-step), or blocks (a hung worker). Kills and hangs can be made
+(a shard worker dying mid-step), or blocks (a hung worker). It can also refuse validation and
+test episodes in one process (the driver's, to show they are evaluated on the workers). Kills and hangs can be made
 one-shot with a marker directory, shared by all processes of a machine, so that the worker
 that replaces a killed one computes the shard normally.
 
@@ -24,13 +25,16 @@ import torch
 class FaultySource:
     def __init__(self, source, nan_tasks: Iterable[tuple[int, int]] = (),
                  nan_steps: Iterable[int] = (), kill_steps: Iterable[int] = (),
-                 hang_steps: Iterable[int] = (), once_dir: str | None = None):
+                 hang_steps: Iterable[int] = (), once_dir: str | None = None,
+                 no_episodes_in_pid: int | None = None):
         self.source = source
         self.nan_tasks = {(int(s), int(t)) for s, t in nan_tasks}
         self.nan_steps = {int(s) for s in nan_steps}
         self.kill_steps = {int(s) for s in kill_steps}
         self.hang_steps = {int(s) for s in hang_steps}
         self.once_dir = Path(once_dir) if once_dir else None
+        # validation and test episodes drawn in this process fail: they belong on the workers
+        self.no_episodes_in_pid = no_episodes_in_pid
 
     def __getattr__(self, name):  # input_shape, ways, ... of the wrapped source
         if name == "source":
@@ -49,6 +53,9 @@ class FaultySource:
         return True
 
     def sample(self, split: str, step: int, task_ids: Sequence[int], *args, **kwargs):
+        if split != "train" and os.getpid() == self.no_episodes_in_pid:
+            raise RuntimeError(f"{split} episodes drawn in process {os.getpid()}, which was "
+                               f"told to leave them to its workers")
         if split == "train" and task_ids:
             if step in self.kill_steps and self._fire("kill", step):
                 os.kill(os.getpid(), signal.SIGKILL)

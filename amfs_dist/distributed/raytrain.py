@@ -51,10 +51,16 @@ class RunChannel:
         self._rows: list = []
         self._events: list = []
         self._stop = False
+        self._latest = None  # the last checkpoint rank 0 reported
 
     def put(self, rows: list, events: list = ()) -> None:
         self._rows.extend(rows)
         self._events.extend(events)
+        for event in events:
+            self._latest = event["checkpoint"]
+
+    def latest(self):
+        return self._latest
 
     def take(self) -> tuple[list, list]:
         rows, events, self._rows, self._events = self._rows, self._events, [], []
@@ -121,7 +127,10 @@ def _rank_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="amfs-rank-") as scratch:
         trainer = Trainer(cfg, Path(scratch), device=device,
                           source_factory=config.get("source_factory"))
-        restored = ray.train.get_checkpoint()  # Ray Train restarted the group: its last one
+        # a restarted group: Ray Train's last checkpoint, or the last one rank 0 reported here
+        # (after an error of Ray Train's controller, get_checkpoint() had none: seen when a
+        # group of the old size could not start within Ray Train's 60 s after a lost node)
+        restored = ray.train.get_checkpoint() or ray.get(channel.latest.remote())
         if restored is not None:
             with restored.as_directory() as d:
                 trainer.restore(torch.load(Path(d) / STATE, map_location=device,
@@ -213,8 +222,10 @@ def make_torch_trainer(cfg, location, state_ref, channel, source_factory=None,
                            "source_factory": source_factory, "test": test,
                            "location": str(location)},
         torch_config=_torch_config(d.timeout_s),
+        # an elastic group looks for room to grow as often as a lost worker waits for room
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=d.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=d.replace_timeout_s),
         run_config=RunConfig(
             name="train", storage_path=storage_path(cfg, location),
             failure_config=FailureConfig(max_failures=d.max_worker_restarts),
@@ -270,12 +281,13 @@ def _follow(trainer, torch_trainer, channel, on_row, on_checkpoint) -> dict | No
     cfg = trainer.cfg
     thread = threading.Thread(target=run, name="amfs-ray-train", daemon=True)
     thread.start()
-    first_bound = START_GRACE_S + cfg.dist.timeout_s + cfg.dist.replace_timeout_s
-    bound = cfg.dist.timeout_s + cfg.dist.replace_timeout_s
-    log.warning("Ray Train runs %s worker(s); a step that does not end within %g s "
-                "(dist.timeout_s + dist.replace_timeout_s; %g s for the first) stops the run "
-                "with its last checkpoint", _workers_said(cfg), bound, first_bound)
-    last_heard, seen_row = time.monotonic(), False
+    # a restarted group starts its ranks anew (import torch, load data): every step gets the
+    # start-up grace, since this process cannot tell a restart from a slow step
+    bound = START_GRACE_S + cfg.dist.timeout_s + cfg.dist.replace_timeout_s
+    log.warning("Ray Train runs %s worker(s); no step within %g s (dist.timeout_s + "
+                "dist.replace_timeout_s + %g s to start workers) stops the run with its last "
+                "checkpoint", _workers_said(cfg), bound, START_GRACE_S)
+    last_heard = time.monotonic()
     stop_asked_at = None
     test, final, failed = None, False, None
     while True:
@@ -294,7 +306,6 @@ def _follow(trainer, torch_trainer, channel, on_row, on_checkpoint) -> dict | No
             stopped = stopped or event["kind"] == "stopped"
             failed = event.get("error") or failed
         for row in rows:
-            seen_row = True
             on_row(row)
         if failed:
             raise TrainingError(failed)
@@ -311,10 +322,10 @@ def _follow(trainer, torch_trainer, channel, on_row, on_checkpoint) -> dict | No
         if stop_asked_at is not None and (time.monotonic() - stop_asked_at > STOP_WAIT_S
                                           or silent > IDLE_S):  # no step is under way
             raise RunStopped(trainer.stopped_message(waiting=True), trainer.stop_signal)
-        if silent > (bound if seen_row else first_bound):
+        if silent > bound:
             raise WorkerFailedError(
                 f"no step from the Ray Train workers for {silent:.0f} s (dist.timeout_s + "
-                f"dist.replace_timeout_s): fewer workers than {_workers_said(cfg)} could run, "
+                f"dist.replace_timeout_s + {START_GRACE_S:g} s): fewer workers than {_workers_said(cfg)} could run, "
                 f"or a worker hangs. The run stops here; its checkpoint is kept (resume with "
                 f"`amfs train --resume {trainer.location}`)")
         time.sleep(POLL_S)
