@@ -98,6 +98,8 @@ SCHEMA: dict[str, Key] = {
     "outer.weighting": Key((str,), None, _one_of("cosine", "mean"), "cosine or mean", True),
     "outer.normalize": Key((str,), "clip", _one_of("clip", "softmax"), "clip or softmax"),
     "outer.temperature": Key((float,), 1.0, _positive, "> 0"),
+    # which gradient coordinates the O-AMFS cosines come from (algorithms/outer.py)
+    "outer.agreement": Key((str,), "all", _one_of("all", "last_block"), "all or last_block"),
     "data.source": Key((str,), "synthetic", None),
     "data.ways": Key((int,), 5, _at_least_one, ">= 1"),
     "data.shots": Key((int,), 1, _at_least_one, ">= 1"),
@@ -433,6 +435,13 @@ def resolve(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
         raise ConfigError(f"data.conflict_fraction: conflicting tasks relabel classes; they need "
                           f"classification with data.ways >= 2, got "
                           f"{values['data.conflict_fraction']!r}")
+    if values["outer.agreement"] == "last_block" and (values["dist.exchange"] != "exact"
+                                                      or values["train.deterministic"]):
+        # those paths hand the weigher sketches or a Gram matrix of the whole gradient
+        raise ConfigError(f"outer.agreement: last_block needs the full task gradients "
+                          f"(dist.exchange=exact, train.deterministic=false), got "
+                          f"dist.exchange={values['dist.exchange']}, "
+                          f"train.deterministic={str(values['train.deterministic']).lower()}")
     if values["data.source"] == "sinusoid" and HEADS[cfg.inner_loop].classification_only:
         key = "inner" if values["inner"] else "method"
         raise ConfigError(f"{key}: {values[key]} classifies; data.source=sinusoid is regression")

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amfs_dist.algorithms.learner import MetaLearner
-from amfs_dist.algorithms.outer import task_weights
+from amfs_dist.algorithms.outer import agreement_columns, task_weights
 from amfs_dist.backend import (
     Exchange,
     InProcessBackend,
@@ -80,6 +80,7 @@ class Trainer:
         self.source = (source_factory or make_task_source)(cfg)
         self.learner = MetaLearner(cfg, self.source.input_shape, device or resolve_device(cfg))
         self.optimizer = torch.optim.Adam(self.learner.params().values(), lr=cfg.train.lr)
+        self.agreement_columns = agreement_columns(self.learner.layout, cfg.outer.agreement)
         self.step = 0
         self.bad_streak = 0
         self._backend = backend
@@ -183,6 +184,8 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------
     def weigh(self, vectors: torch.Tensor | None, gram: torch.Tensor | None = None):
         o = self.cfg.outer
+        if vectors is not None and self.agreement_columns is not None:  # outer.agreement
+            vectors = vectors[:, self.agreement_columns.to(vectors.device)]
         return task_weights(vectors, self.cfg.outer_weighting, o.normalize, o.temperature, gram)
 
     def train_step(self) -> StepResult:

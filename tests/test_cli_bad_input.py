@@ -59,6 +59,13 @@ ROWS = [
     ("min-workers-above-workers-collective", 2, lambda t, r: (
         train(t, "dist.workers=2", "dist.min_workers=3", "dist.exchange=collective"),
         "dist.min_workers=3")),
+    ("agreement-unknown", 2, lambda t, r: (train(t, "outer.agreement=head"), "outer.agreement")),
+    ("agreement-last-block-sketch", 2, lambda t, r: (
+        train(t, "outer.agreement=last_block", "dist.workers=2", "dist.exchange=sketch"),
+        "dist.exchange=sketch")),
+    ("agreement-last-block-deterministic", 2, lambda t, r: (
+        train(t, "outer.agreement=last_block", "train.deterministic=true"),
+        "train.deterministic=true")),
     ("config-missing", 2, lambda t, r: (train(t, "--config", str(t / "no.yaml")), "no.yaml")),
     ("config-invalid-yaml", 2, lambda t, r: (
         train(t, "--config", str(write(t / "c.yaml", "kernel: [1, 2\n"))), "c.yaml")),

@@ -124,6 +124,10 @@ def test_every_shipped_experiment_file_loads():
     for name in EXPERIMENTS:
         assert load_experiment(name).cells()
         assert load_experiment(name, SMOKE).cells()
+    # the O-AMFS study: 6 weightings x 2 conflict kinds x 2 fractions x 5 seeds
+    study = load_experiment("stability", "stability-study").cells()
+    assert len(study) == 120
+    assert len(load_experiment("stability", "stability-study-t32").cells()) == 40
     for preset in ("omniglot", "mini-imagenet", "cub", "fc100", "cifar-fs"):
         path = SHIPPED / f"{preset}.yaml"
         for name in EXPERIMENTS:

@@ -1,9 +1,13 @@
 """O-AMFS weighting (docs/algorithm.md)."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amfs_dist.algorithms.outer import agreement, combine, task_weights
+from amfs_dist.algorithms.learner import MetaLearner
+from amfs_dist.algorithms.outer import agreement, agreement_columns, combine, task_weights
+from amfs_dist.config import load_config
+from amfs_dist.train import Trainer
 
 
 def test_identical_gradients_give_uniform_weights():
@@ -113,3 +117,45 @@ def test_gram_blocks_give_the_unblocked_result(monkeypatch):
     monkeypatch.setattr(outer, "GRAM_CHUNK", 6 * 7)  # blocks of 7 columns, the last of 6
     torch.testing.assert_close(agreement(g), whole)
     torch.testing.assert_close(whole, _reference_agreement(g))
+
+
+def last_block_learner(tiny, method="amfs"):
+    cfg = load_config(None, tiny + [f"method={method}", "outer.agreement=last_block"])
+    return cfg, MetaLearner(cfg, (1, 28, 28))
+
+
+@pytest.mark.parametrize("method", ["amfs", "maml"])
+def test_last_block_columns_are_the_last_conv_block_and_the_head(tiny, method):
+    _, learner = last_block_learner(tiny, method)
+    layout = learner.layout
+    expected, start = [], 0
+    for name, numel in zip(layout.names, layout.numels):
+        # Conv-4: blocks 0..3, then the head's parameters
+        if name.startswith(("backbone.blocks.3.", "head.")):
+            expected.extend(range(start, start + numel))
+        start += numel
+    columns = agreement_columns(layout, "last_block")
+    assert columns.tolist() == expected
+    assert 0 < len(expected) < layout.size
+    assert agreement_columns(layout, "all") is None
+
+
+def test_last_block_weights_equal_a_float64_reference(tiny):
+    cfg, learner = last_block_learner(tiny)
+    layout = learner.layout
+    grads = torch.randn(6, layout.size, generator=torch.Generator().manual_seed(3))
+    pieces = dict(zip(layout.names, grads.double().split(layout.numels, dim=1)))
+    kept = [n for n in layout.names if n.startswith(("backbone.blocks.3.", "head."))]
+    rows = torch.cat([pieces[n] for n in kept], dim=1)
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    a = (cos.sum(1) - cos.diagonal()) / 5
+    reference = a.clamp_min(0) / a.clamp_min(0).sum()
+    if reference.sum() == 0:
+        reference = torch.full_like(a, 1 / 6)
+
+    trainer = Trainer(cfg, "/nonexistent")  # weigh() needs no run directory
+    weights = trainer.weigh(grads).weights
+    torch.testing.assert_close(weights, reference, rtol=1e-5, atol=1e-7)
+    # and they are not the weights of all the coordinates
+    assert not torch.allclose(task_weights(grads, "cosine", "clip").weights, reference)

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from amfs_dist.algorithms.learner import ParamLayout, block
+
+AGREEMENTS = ("all", "last_block")  # outer.agreement
+
 
 @dataclass
 class TaskWeights:
@@ -98,6 +102,25 @@ def weights_from_agreement(a: torch.Tensor, normalize: str = "clip",
     if normalize == "softmax":
         return torch.softmax(a / temperature, dim=0)
     raise ValueError(f"outer.normalize: unknown normalisation {normalize!r}")
+
+
+def agreement_columns(layout: ParamLayout, agreement: str = "all") -> torch.Tensor | None:
+    """The columns of a flattened gradient row that outer.agreement computes cosines from:
+    None for all; for last_block, the encoder's last block and every head parameter (the
+    head side of the network, where tasks that teach different mappings differ most, while
+    the early layers' shared features agree for any labelling)."""
+    if agreement == "all":
+        return None
+    if agreement != "last_block":
+        raise ValueError(f"outer.agreement: unknown choice {agreement!r}")
+    encoder = [n for n in layout.names if n.startswith("backbone.")]
+    last = block(encoder[-1]) if encoder else None
+    columns, start = [], 0
+    for name, numel in zip(layout.names, layout.numels):
+        if not name.startswith("backbone.") or block(name) == last:
+            columns.append(torch.arange(start, start + numel))
+        start += numel
+    return torch.cat(columns)
 
 
 def task_weights(vectors: torch.Tensor | None, weighting: str = "cosine", normalize: str = "clip",

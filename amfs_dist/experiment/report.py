@@ -257,7 +257,8 @@ def write_plots(spec, out: Path, cells: list[Cell], rows: list[dict], table: lis
         by = defaultdict(list)
         for r in rows:
             if r["eval"] == TEST:
-                weighting = r.get("outer.weighting") or r["method"]
+                # a variant names its weighting (stability-study), else the grid or the method
+                weighting = r.get("variant") or r.get("outer.weighting") or r["method"]
                 by[weighting].append((r["data.conflict_fraction"], r["test_accuracy"]))
         for i, (weighting, pts) in enumerate(sorted(by.items())):
             offset = (i - (len(by) - 1) / 2) * 0.012  # side by side, so every seed shows
@@ -270,6 +271,6 @@ def write_plots(spec, out: Path, cells: list[Cell], rows: list[dict], table: lis
         ax.set_ylabel("final test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(f"{spec.name}: cosine vs mean weighting under conflicting tasks")
+        ax.set_title(f"{spec.name}: outer weightings under conflicting tasks")
         save(fig, "stability.png")
     return written
