@@ -335,3 +335,39 @@ def test_an_elastic_collective_run_loses_a_node_and_grows_back_on_ray_train(node
     assert elastic["step"] == len(counts)
     for key, value in model(reference).items():
         assert torch.equal(value, elastic["model"][key]), f"{key} differs from the in-process run"
+
+
+@pytest.mark.slow
+def test_sigterm_while_ray_train_waits_for_a_lost_node_stops_within_seconds(nodes, tmp_path):
+    """dist.exchange=collective, 2 ranks, not elastic: node 2 is killed with its raylet and
+    Ray Train waits for room for 2 ranks, which never comes. SIGTERM then stops the run within
+    seconds with the last checkpoint the ranks reported, and one line saying so."""
+    nodes.set_hosts(loopback=True)
+    run, log = tmp_path / "run", tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = nodes.popen(1, [sys.executable, "-m", "amfs_dist", "train", "--no-progress",
+                                 "--out", str(run), *RUN, "train.steps=100000",
+                                 "train.checkpoint_every=1", "dist.workers=2",
+                                 "dist.exchange=collective"],
+                             stdout=out, stderr=subprocess.STDOUT)
+    rows = run / "metrics.jsonl"
+    try:
+        wait_for("second step", lambda: rows.exists() and len(rows.read_text().splitlines()) >= 2,
+                 driver, log)
+        nodes.kill(2)
+        wait_for("the group's failure", lambda: "Training failed due to worker errors"
+                 in log.read_text(), driver, log)
+        time.sleep(12)  # no step under way for longer than the driver waits for one to end
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(60) == 143, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        nodes.start_ray(2)
+        nodes.wait_for_ray(2)
+    said = [ln for ln in log.read_text().splitlines() if ln.startswith("amfs: ")]
+    step = torch.load(run / CHECKPOINT, weights_only=True)["step"]
+    assert said == [f"amfs: stopped by SIGTERM at step {step} while waiting for workers; "
+                    f"checkpoint saved: resume with `amfs train --resume {run}`"], said
+    assert step >= 2
