@@ -4,8 +4,9 @@ cluster: the nodes are Linux network namespaces on one machine (tests/netns.py).
 The Slurm is this module's own: in node 1 munged (every node's clients and daemons reach its
 socket by path), a MariaDB server and slurmdbd (so that `sacct` has records), slurmctld and a
 slurmd; in node 2 a slurmd. Each slurmd runs in its node's network and UTS namespace
-with its hostname as NodeName and the node's address as NodeAddr, and with a /tmp of its own
-(a bind mount, as a real node's /tmp is its own disk); everything shared (configuration, munge
+with its hostname as NodeName and the node's address as NodeAddr, and with a directory of its
+own for its jobs' Ray temp dirs (AMFS_RAY_TMPDIR, a bind mount: a real node's local disk);
+everything shared (configuration, munge
 socket, job logs, run directories) lives in a directory outside /tmp, as on a cluster's shared
 storage. Each node's hostname resolves to 127.0.1.1 there (the Debian default) and the other
 node's to its address. Clients (sbatch, squeue, sacct) run in node 1.
@@ -20,6 +21,7 @@ Needs root, iproute2 and the Debian packages slurm-wlm, slurmdbd, munge and mari
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,20 +73,29 @@ sys.exit(rc)
 """
 
 
+# each node's own directory for its jobs' Ray temp dirs, at one short path (Ray's socket paths
+# have a length limit); empty on the machine, removed when the cluster goes
+NODE_TMP = Path("/run/amfssl-tmp")
+
+
 class SlurmNodes(netns.Nodes):
     prefix = "amfssl"  # beside tests/test_multinode.py's nodes, never the same namespaces
 
     def node_argv(self, i: int, cmd: list[str]) -> list[str]:
         """`cmd` in node i as a node's daemon: its network namespace, hostname and hosts file,
-        and `temp_dir(i)/tmp` mounted on /tmp, in a mount namespace of its own (private: no
-        mount reaches the machine). Not `ip netns exec`: its fresh /sys has no cgroup
-        hierarchy, which slurmd needs."""
+        and `temp_dir(i)/tmp` mounted on NODE_TMP (the jobs' AMFS_RAY_TMPDIR: each node's Ray
+        temp dirs are its own, as on a real node's local disk), in a mount namespace of its
+        own (private: no mount reaches the machine). /tmp itself stays the machine's: the
+        checkout and its virtual environment may live there. Not `ip netns exec`: its fresh
+        /sys has no cgroup hierarchy, which slurmd needs."""
         own = self.temp_dir(i) / "tmp"
         own.mkdir(parents=True, exist_ok=True)
+        NODE_TMP.mkdir(exist_ok=True)
         return ["nsenter", f"--net=/run/netns/{self.ns(i)}", "unshare", "--uts", "--mount",
                 "sh", "-c", 'hostname "$0" && mount --bind "$1" /etc/hosts && '
-                'mount --bind "$2" /tmp && shift 2 && exec "$@"',
-                self.hostname(i), f"/etc/netns/{self.ns(i)}/hosts", str(own), *cmd]
+                'mount --bind "$2" "$3" && shift 3 && exec "$@"',
+                self.hostname(i), f"/etc/netns/{self.ns(i)}/hosts", str(own), str(NODE_TMP),
+                *cmd]
 
 
 def missing() -> str | None:
@@ -126,7 +137,8 @@ class Slurm:
     def submit(self, *args: str, workers_log: Path) -> str:
         out = self.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--time=15",
                        f"--output={self.shared}/job-%j.out", f"--chdir={self.shared}",
-                       f"--export=ALL,AMFS_TEST_WORKERS={workers_log}", str(SCRIPT), *args)
+                       f"--export=ALL,AMFS_TEST_WORKERS={workers_log},AMFS_RAY_TMPDIR={NODE_TMP}",
+                       str(SCRIPT), *args)
         return out.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -308,6 +320,8 @@ def slurm(nodes):
                 proc.kill()
                 proc.wait()
         shutil.rmtree(shared, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            NODE_TMP.rmdir()  # only when empty: nothing of ours is left in it
 
 
 def job_tmp(nodes: SlurmNodes, i: int, job_id: str) -> Path:
