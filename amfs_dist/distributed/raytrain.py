@@ -259,10 +259,8 @@ def fit(trainer, on_row, on_checkpoint, test: bool = False) -> dict | None:
 
 
 def check_fits(cfg) -> None:
-    """Refuse at once workers the cluster can never place (outside a Tune trial)."""
-    import ray
-    if ray.util.get_current_placement_group() is not None:
-        return
+    """Refuse at once workers the cluster can never place (the shard workers' check, which
+    skips a Tune trial's placement group)."""
     from amfs_dist.distributed.backend import _check_workers_fit
     _check_workers_fit(cfg)
 
